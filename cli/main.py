@@ -1,0 +1,49 @@
+"""``combireg`` command group.
+
+Each sub-command lives in its own module and only parses, calls one library function and
+presents the result. User errors (:class:`combireg.errors.CombiregError`) become one line on
+stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from combireg.errors import CombiregError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CombiregError as exc:
+            click.echo(f"combireg: error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("combireg: interrupted; nothing was written", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="combireg")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """combireg: deformable 3-D registration by simultaneous optimisation of MSE and NCC."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _register_commands() -> None:
+    from . import params_cmd, run_cmd, synth_cmd
+
+    main.add_command(run_cmd.run)
+    main.add_command(params_cmd.params)
+    main.add_command(synth_cmd.synth)
+
+
+_register_commands()
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,27 @@
+"""combireg: deformable 3-D image registration by simultaneous optimisation of similarity metrics.
+
+One call from Python::
+
+    import combireg
+    result = combireg.register("pre_t1.nii.gz,pre_t2.nii.gz", "post_t1.nii.gz,post_t2.nii.gz",
+                               params="params/default.txt")
+    result.save("out/")
+"""
+__version__ = "0.1.0"
+
+from .errors import CombiregError  # noqa: E402
+from .geometry import Geometry  # noqa: E402
+from .image import Image  # noqa: E402
+
+
+def __getattr__(name):
+    # Why lazy: keeps `import combireg` light (no params/ITK import) for tools that only need
+    # geometry or errors; `combireg.register` resolves on first use.
+    if name in ("register", "Result"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'combireg' has no attribute {name!r}")
+
+
+__all__ = ["register", "Result", "Image", "Geometry", "CombiregError", "__version__"]

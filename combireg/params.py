@@ -1,0 +1,818 @@
+"""Elastix-style parameter files: parsing, writing, validation and defaults.
+
+A parameter file holds one ``(Key value ...)`` entry per line, with ``//`` comments, quoted
+strings and bare numbers, e.g.::
+
+    // similarity: half MSE, half NCC
+    (Metric "MSE" "NCC")
+    (Metric0Weight 0.5)
+    (MaximumNumberOfIterations 150 60)   // one value per resolution
+
+The raw form is a :data:`ParamMap` (``dict[str, tuple[str, ...]]``, every value a string with
+quotes stripped), as in itk-elastix. :func:`settings_from_map` validates it against
+:data:`SCHEMA` and returns typed, fully resolved :class:`Settings`.
+
+combireg is stricter than elastix: unknown keys, duplicate keys, malformed lines and values of
+the wrong type, count or range are all errors (:class:`~combireg.errors.CombiregError`) whose
+message starts with ``FILE:LINE:`` where the line is known.
+
+Keys marked *per resolution* follow elastix's fallback rule: the key holds one to
+``NumberOfResolutions`` values, and a level without its own value takes the *first* value
+(``(MaximumNumberOfIterations 200 100)`` with three levels gives 200 100 200).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Mapping, Sequence
+
+from .errors import CombiregError
+
+__all__ = [
+    "ParamMap",
+    "ParsedParamMap",
+    "KeySpec",
+    "SCHEMA",
+    "METRICS",
+    "OPTIMIZERS",
+    "MAX_METRICS",
+    "Settings",
+    "parse_text",
+    "read_parameter_file",
+    "format_parameter_map",
+    "settings_from_map",
+    "load_settings",
+    "default_settings",
+    "default_parameter_map",
+    "default_parameter_text",
+]
+
+ParamMap = dict[str, tuple[str, ...]]
+
+#: Similarity metrics the ``Metric`` key accepts. Adding one here is all the schema needs.
+METRICS: tuple[str, ...] = ("MSE", "NCC", "GlobalNCC")
+#: Optimisers the ``Optimizer`` key accepts.
+OPTIMIZERS: tuple[str, ...] = ("Adam",)
+#: Most metrics one run may combine.
+MAX_METRICS = 4
+#: How far the metric weights may sum away from 1 (they are usually written as decimals).
+WEIGHT_SUM_TOLERANCE = 1e-6
+
+Kind = Literal["int", "float", "str", "bool"]
+# Count rules: "1" and "2" exactly that many values; "metrics" 1..MAX_METRICS; "per-level"
+# 1..NumberOfResolutions with the first-value fallback; "xyz-per-level" exactly 3 per level.
+Count = Literal["1", "2", "metrics", "per-level", "xyz-per-level"]
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One parameter-file key: its type, how many values it takes, its range and default.
+
+    Attributes
+    ----------
+    name : str
+        The key as written in a file; ``Metric<n>Weight`` stands for the metric weight keys.
+    kind : {"int", "float", "str", "bool"}
+        Type of every value; string and bool values are written quoted.
+    count : str
+        Count rule, see :data:`Count`.
+    default : tuple of str or None
+        Raw default values; None where the default depends on other keys.
+    description : str
+        One line, printed as a ``//`` comment by ``combireg params defaults``.
+    choices : tuple of str
+        Allowed values for ``str`` keys (empty: any).
+    minimum, maximum : float or None
+        Inclusive bounds for numbers, unless ``minimum_exclusive``.
+    odd : bool
+        Integers must be odd.
+    """
+
+    name: str
+    kind: Kind
+    count: Count
+    default: tuple[str, ...] | None
+    description: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    minimum_exclusive: bool = False
+    maximum: float | None = None
+    odd: bool = False
+
+    @property
+    def per_level(self) -> bool:
+        """Whether the key holds values per resolution level."""
+        return self.count in ("per-level", "xyz-per-level")
+
+
+WEIGHT_KEY = "Metric<n>Weight"
+
+SCHEMA: tuple[KeySpec, ...] = (
+    KeySpec(
+        "Metric", "str", "metrics", ("MSE", "NCC"),
+        f"Similarity metrics optimised simultaneously: 1 to {MAX_METRICS} of "
+        f"{', '.join(METRICS)}, no duplicates.",
+        choices=METRICS,
+    ),
+    KeySpec(
+        WEIGHT_KEY, "float", "1", None,
+        "Weight of metric n (n = 0, 1, ... in Metric order), >= 0; the weights must sum to 1 "
+        "(default: equal weights).",
+        minimum=0.0,
+    ),
+    KeySpec(
+        "NCCWindowSize", "int", "per-level", ("7",),
+        "Side length in voxels of the cubic local NCC window, odd and >= 3, per resolution.",
+        minimum=3, odd=True,
+    ),
+    KeySpec(
+        "RegularizationWeight", "float", "per-level", ("1.0",),
+        "lambda of the diffusion regulariser lambda * |grad u|^2, >= 0, per resolution.",
+        minimum=0.0,
+    ),
+    KeySpec(
+        "NumberOfResolutions", "int", "1", ("2",),
+        "Number of image pyramid levels, optimised coarse to fine.",
+        minimum=1,
+    ),
+    KeySpec(
+        "ImagePyramidSchedule", "int", "xyz-per-level", None,
+        "Shrink factors x y z for each level, coarsest first (3 * NumberOfResolutions values, "
+        "non-increasing; default halves per level down to 1 1 1).",
+        minimum=1,
+    ),
+    KeySpec(
+        "MaximumNumberOfIterations", "int", "per-level", ("150", "60"),
+        "Optimiser iterations per resolution, >= 0.",
+        minimum=0,
+    ),
+    KeySpec(
+        "LearningRate", "float", "per-level", ("0.01",),
+        "Adam step size per resolution, > 0, in normalised grid units (the [-1, 1] PyTorch "
+        "grid_sample convention over the target's field of view).",
+        minimum=0.0, minimum_exclusive=True,
+    ),
+    KeySpec(
+        "Optimizer", "str", "1", ("Adam",),
+        f"Optimiser: {', '.join(OPTIMIZERS)}.",
+        choices=OPTIMIZERS,
+    ),
+    KeySpec(
+        "Bidirectional", "bool", "1", ("true",),
+        "Optimise the forward and the backward transform together (\"true\" or \"false\").",
+    ),
+    KeySpec(
+        "InverseConsistencyWeight", "float", "1", ("0.1",),
+        "Weight of the penalty that couples the forward and backward transforms, >= 0 "
+        "(used when Bidirectional is true).",
+        minimum=0.0,
+    ),
+    KeySpec(
+        "Seed", "int", "1", ("0",),
+        "Random seed, for reproducible runs (0 to 2^32 - 1).",
+        # Why the cap: numpy's legacy seeding rejects larger values.
+        minimum=0, maximum=2**32 - 1,
+    ),
+    KeySpec(
+        "NormalizationPercentiles", "float", "2", ("0.5", "99.5"),
+        "Per-channel robust intensity normalisation: percentiles lo < hi (0..100) mapped to 0 "
+        "and 1.",
+        minimum=0.0, maximum=100.0,
+    ),
+    KeySpec(
+        "NumberOfThreads", "int", "1", ("0",),
+        "CPU threads for torch; 0 = all cores.",
+        minimum=0,
+    ),
+)
+
+_SPECS: dict[str, KeySpec] = {spec.name: spec for spec in SCHEMA}
+# Only canonical indices: "Metric01Weight" is not Metric1Weight.
+_WEIGHT_RE = re.compile(r"Metric(0|[1-9][0-9]*)Weight\Z")
+_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_INT_RE = re.compile(r"[+-]?[0-9]+\Z")
+_FLOAT_RE = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
+
+
+def _weight_key(index: int) -> str:
+    return f"Metric{index}Weight"
+
+
+def _known_keys() -> list[str]:
+    """Every concrete key name, for unknown-key suggestions."""
+    names = [spec.name for spec in SCHEMA if spec.name != WEIGHT_KEY]
+    return names + [_weight_key(i) for i in range(MAX_METRICS)]
+
+
+def _spec_for(key: str) -> KeySpec | None:
+    if key in _SPECS and key != WEIGHT_KEY:
+        return _SPECS[key]
+    if _WEIGHT_RE.match(key):
+        return _SPECS[WEIGHT_KEY]
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Raw maps: parsing and writing
+# --------------------------------------------------------------------------------------------
+
+
+class ParsedParamMap(dict):
+    """A :data:`ParamMap` that remembers where each key came from, for error messages.
+
+    Compares equal to a plain dict with the same entries.
+
+    Attributes
+    ----------
+    source : str
+        File name, or ``"<string>"``.
+    lines : dict of str to int
+        1-based line number of each key.
+    """
+
+    def __init__(self, items: Mapping[str, tuple[str, ...]] | None = None, *,
+                 source: str = "<string>", lines: Mapping[str, int] | None = None) -> None:
+        super().__init__(items or {})
+        self.source = source
+        self.lines: dict[str, int] = dict(lines or {})
+
+
+def _syntax_error(source: str, lineno: int, message: str) -> CombiregError:
+    return CombiregError(f"{source}:{lineno}: {message}")
+
+
+def _skip_space(line: str, i: int) -> int:
+    while i < len(line) and line[i].isspace():
+        i += 1
+    return i
+
+
+def _read_quoted(line: str, i: int, fail: Callable[[str], CombiregError]) -> tuple[str, int]:
+    """The quoted string starting at ``line[i] == '"'`` and the index after it."""
+    end = line.find('"', i + 1)
+    if end < 0:
+        raise fail("unbalanced quote")
+    after = end + 1
+    if after < len(line) and not (line[after].isspace() or line[after] == ")"):
+        raise fail(f"expected a space or ')' after the closing quote, got {line[after]!r}")
+    return line[i + 1:end], after
+
+
+def _read_bare(line: str, i: int, fail: Callable[[str], CombiregError]) -> tuple[str, int]:
+    """The bare token starting at ``i`` and the index after it."""
+    j = i
+    while (j < len(line) and not line[j].isspace() and line[j] not in '()"'
+           and not line.startswith("//", j)):
+        j += 1
+    if j < len(line) and line[j] in '("':
+        raise fail(f"unexpected {line[j]!r} after {line[i:j]!r}")
+    return line[i:j], j
+
+
+def _parse_line(line: str, fail: Callable[[str], CombiregError]) -> tuple[str, tuple[str, ...]] | None:
+    """``(key, values)`` of one line, or None for a blank or comment-only line."""
+    i = _skip_space(line, 0)
+    if i == len(line) or line.startswith("//", i):
+        return None
+    if line[i] != "(":
+        raise fail(f"expected '(' at the start of an entry, got {line[i:i + 20]!r}")
+    tokens: list[str] = []
+    key_quoted = False
+    i += 1
+    while True:
+        i = _skip_space(line, i)
+        if i == len(line) or line.startswith("//", i):
+            raise fail("missing ')'")
+        if line[i] == ")":
+            break
+        if line[i] == "(":
+            raise fail("unexpected '(' inside an entry")
+        if line[i] == '"':
+            key_quoted = key_quoted or not tokens
+            token, i = _read_quoted(line, i, fail)
+        else:
+            token, i = _read_bare(line, i, fail)
+        tokens.append(token)
+    rest = _skip_space(line, i + 1)
+    if rest < len(line) and not line.startswith("//", rest):
+        raise fail(f"unexpected text after ')': {line[rest:].rstrip()!r}")
+    if not tokens or tokens[0] == "":
+        raise fail("empty key")
+    key = tokens[0]
+    if key_quoted:
+        raise fail(f"the key must not be quoted: {key!r}")
+    if not _KEY_RE.match(key):
+        raise fail(f"invalid key {key!r} (letters, digits and '_', not starting with a digit)")
+    return key, tuple(tokens[1:])
+
+
+def parse_text(text: str, source: str = "<string>") -> ParsedParamMap:
+    """Parse parameter-file text (syntax only; keys and values are not checked).
+
+    Parameters
+    ----------
+    text : str
+        The file contents.
+    source : str
+        Name used in error messages.
+
+    Returns
+    -------
+    ParsedParamMap
+        Keys in file order, values as strings with quotes stripped; ``.lines`` holds each
+        key's line number.
+
+    Raises
+    ------
+    CombiregError
+        ``SOURCE:LINE: ...`` for a malformed line or a duplicate key.
+    """
+    result = ParsedParamMap(source=source)
+    # A byte-order mark would otherwise make line 1 a syntax error.
+    text = text.removeprefix("\ufeff")
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        entry = _parse_line(line, lambda msg, n=lineno: _syntax_error(source, n, msg))
+        if entry is None:
+            continue
+        key, values = entry
+        if key in result:
+            raise _syntax_error(
+                source, lineno, f"duplicate key {key!r} (first given on line {result.lines[key]})"
+            )
+        result[key] = values
+        result.lines[key] = lineno
+    return result
+
+
+def read_parameter_file(path: str | os.PathLike) -> ParsedParamMap:
+    """Read and parse a parameter file (syntax only).
+
+    Raises
+    ------
+    CombiregError
+        If the file is missing, unreadable, not UTF-8 text, or malformed.
+    """
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise CombiregError(f"{source}: no such file") from None
+    except UnicodeDecodeError as exc:
+        raise CombiregError(f"{source}: not a UTF-8 text file ({exc.reason})") from None
+    except OSError as exc:
+        raise CombiregError(f"{source}: cannot read parameter file ({exc.strerror or exc})") from None
+    return parse_text(text, source)
+
+
+def _is_bare_safe(value: str) -> bool:
+    """Whether ``value`` reads back unchanged when written without quotes."""
+    return (value != "" and "//" not in value
+            and not any(c.isspace() or c in '()"' for c in value))
+
+
+def _format_value(key: str, value: str) -> str:
+    if '"' in value or "\n" in value or "\r" in value:
+        raise CombiregError(f"{key}: cannot write value {value!r} (contains a quote or line break)")
+    spec = _spec_for(key)
+    if spec is not None:
+        quote = spec.kind in ("str", "bool")
+    else:
+        # Unknown keys: keep numbers bare like elastix does, quote everything else.
+        quote = not (_INT_RE.match(value) or _FLOAT_RE.match(value))
+    if quote or not _is_bare_safe(value):
+        return f'"{value}"'
+    return value
+
+
+def format_parameter_map(pm: Mapping[str, Sequence[str]], *, comments: bool = False) -> str:
+    """Write a parameter map as elastix parameter-file text.
+
+    Parameters
+    ----------
+    pm : ParamMap
+        Keys and raw values; string and bool keys are written quoted.
+    comments : bool
+        Put each known key's description as a ``//`` comment above it.
+
+    Returns
+    -------
+    str
+        One ``(Key value ...)`` line per key, ending with a newline;
+        ``parse_text(format_parameter_map(pm)) == pm``.
+
+    Raises
+    ------
+    CombiregError
+        If a key or value cannot be written (bad key name, value with a quote or line break).
+    """
+    lines: list[str] = []
+    previous: KeySpec | None = None
+    for key, values in pm.items():
+        if not _KEY_RE.match(key):
+            raise CombiregError(f"cannot write key {key!r} (letters, digits and '_' only)")
+        spec = _spec_for(key)
+        # Consecutive keys of one spec (Metric0Weight, Metric1Weight) share one comment.
+        if comments and spec is not None and spec is not previous:
+            if lines:
+                lines.append("")
+            lines.append(f"// {spec.description}")
+        previous = spec
+        lines.append("(" + " ".join([key] + [_format_value(key, v) for v in values]) + ")")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+# --------------------------------------------------------------------------------------------
+# Settings and validation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated, fully resolved registration settings (one value per resolution level).
+
+    ``source`` (the file name, or ``"<defaults>"``) does not take part in comparisons.
+    """
+
+    metrics: tuple[str, ...]
+    metric_weights: tuple[float, ...]
+    ncc_window: tuple[int, ...]
+    regularization_weight: tuple[float, ...]
+    num_levels: int
+    pyramid_schedule: tuple[tuple[int, int, int], ...]
+    iterations: tuple[int, ...]
+    learning_rate: tuple[float, ...]
+    optimizer: str
+    bidirectional: bool
+    inverse_consistency_weight: float
+    seed: int
+    normalization_percentiles: tuple[float, float]
+    num_threads: int
+    source: str = field(default="<defaults>", compare=False)
+
+    def to_parameter_map(self) -> ParamMap:
+        """Every key, resolved (per-level keys with one value per level): reproduces the run."""
+        pm: ParamMap = {"Metric": tuple(self.metrics)}
+        for i, weight in enumerate(self.metric_weights):
+            pm[_weight_key(i)] = (_fmt_float(weight),)
+        pm["NCCWindowSize"] = tuple(str(int(v)) for v in self.ncc_window)
+        pm["RegularizationWeight"] = tuple(_fmt_float(v) for v in self.regularization_weight)
+        pm["NumberOfResolutions"] = (str(int(self.num_levels)),)
+        pm["ImagePyramidSchedule"] = tuple(str(int(f)) for lvl in self.pyramid_schedule for f in lvl)
+        pm["MaximumNumberOfIterations"] = tuple(str(int(v)) for v in self.iterations)
+        pm["LearningRate"] = tuple(_fmt_float(v) for v in self.learning_rate)
+        pm["Optimizer"] = (self.optimizer,)
+        pm["Bidirectional"] = ("true" if self.bidirectional else "false",)
+        pm["InverseConsistencyWeight"] = (_fmt_float(self.inverse_consistency_weight),)
+        pm["Seed"] = (str(int(self.seed)),)
+        pm["NormalizationPercentiles"] = tuple(_fmt_float(v) for v in self.normalization_percentiles)
+        pm["NumberOfThreads"] = (str(int(self.num_threads)),)
+        return pm
+
+    def replace(self, **changes) -> "Settings":
+        """A copy with some fields changed, validated like a parameter file.
+
+        Per-level tuples shorter than ``num_levels`` are filled by the first-value fallback.
+        When ``num_levels`` changes, per-level fields not given are cut to the new number of
+        levels (and filled by the fallback), and an unspecified ``pyramid_schedule`` becomes
+        the default schedule for that many levels. When ``metrics`` changes without
+        ``metric_weights``, the weights become equal.
+
+        Raises
+        ------
+        CombiregError
+            If the result is not valid (message prefixed with ``Settings.replace``).
+        """
+        changed = dataclasses.replace(self, **changes)
+        pm = changed.to_parameter_map()
+        if changed.num_levels != self.num_levels:
+            _refit_levels(pm, changed.num_levels, given=changes)
+        if changed.metrics != self.metrics and "metric_weights" not in changes:
+            # Old weights belong to the old metrics; fall back to equal weights.
+            for i in range(len(self.metric_weights)):
+                pm.pop(_weight_key(i), None)
+        validated = settings_from_map(pm, source="Settings.replace")
+        return dataclasses.replace(validated, source=changed.source)
+
+
+# Field name in Settings -> key in a parameter file, for per-level fields.
+_PER_LEVEL_FIELDS = {
+    "ncc_window": "NCCWindowSize",
+    "regularization_weight": "RegularizationWeight",
+    "iterations": "MaximumNumberOfIterations",
+    "learning_rate": "LearningRate",
+}
+
+
+def _refit_levels(pm: ParamMap, num_levels: int, given: Mapping[str, object]) -> None:
+    """Adapt per-level entries the caller did not set to a new number of levels, in place."""
+    for name, key in _PER_LEVEL_FIELDS.items():
+        if name not in given:
+            pm[key] = pm[key][:num_levels]
+    if "pyramid_schedule" not in given:
+        del pm["ImagePyramidSchedule"]
+
+
+def _fmt_float(value: float) -> str:
+    # repr is the shortest text that reads back as the same float: exact round trips.
+    return repr(float(value))
+
+
+class _Locator:
+    """Builds error messages with ``SOURCE:LINE:`` prefixes where lines are known."""
+
+    def __init__(self, pm: Mapping[str, Sequence[str]], source: str) -> None:
+        self.source = source
+        self.lines: dict[str, int] = dict(getattr(pm, "lines", {}) or {})
+
+    def where(self, key: str | None) -> str:
+        line = self.lines.get(key) if key is not None else None
+        return f"{self.source}:{line}" if line is not None else self.source
+
+    def line_note(self, key: str) -> str:
+        line = self.lines.get(key)
+        return f" (line {line})" if line is not None else ""
+
+    def error(self, key: str | None, message: str) -> CombiregError:
+        return CombiregError(f"{self.where(key)}: {message}")
+
+
+def _fmt_bound(bound: float) -> str:
+    # Whole bounds print as integers: "<= 4294967295", not "<= 4.29497e+09".
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+
+def _expectation(spec: KeySpec) -> str:
+    """What a single value of ``spec`` must look like, e.g. 'an odd integer >= 3'."""
+    if spec.kind == "bool":
+        return '"true" or "false"'
+    if spec.kind == "str":
+        return "one of " + ", ".join(repr(c) for c in spec.choices) if spec.choices else "a string"
+    noun = ("an odd integer" if spec.odd else "an integer") if spec.kind == "int" else "a number"
+    bounds = []
+    if spec.minimum is not None:
+        bounds.append(f"{'>' if spec.minimum_exclusive else '>='} {_fmt_bound(spec.minimum)}")
+    if spec.maximum is not None:
+        bounds.append(f"<= {_fmt_bound(spec.maximum)}")
+    return f"{noun} {' and '.join(bounds)}" if bounds else noun
+
+
+def _convert_value(spec: KeySpec, raw: str) -> object | None:
+    """The typed value, or None if ``raw`` does not fit the spec."""
+    if spec.kind == "bool":
+        return {"true": True, "false": False}.get(raw)
+    if spec.kind == "str":
+        return raw if not spec.choices or raw in spec.choices else None
+    if spec.kind == "int":
+        if not _INT_RE.match(raw):
+            return None
+        value: float = int(raw)
+        if spec.odd and value % 2 == 0:
+            return None
+    else:
+        if not _FLOAT_RE.match(raw):
+            return None
+        value = float(raw)
+        if not math.isfinite(value):
+            return None
+    if spec.minimum is not None and (
+        value < spec.minimum or (spec.minimum_exclusive and value == spec.minimum)
+    ):
+        return None
+    if spec.maximum is not None and value > spec.maximum:
+        return None
+    return value
+
+
+def _describe_count(spec: KeySpec) -> tuple[int, int | None, str]:
+    """(min, max, wording) of the count rule, ignoring NumberOfResolutions."""
+    if spec.count == "1":
+        return 1, 1, "exactly 1 value"
+    if spec.count == "2":
+        return 2, 2, "exactly 2 values"
+    if spec.count == "metrics":
+        return 1, MAX_METRICS, f"1 to {MAX_METRICS} values"
+    # Per-level counts depend on NumberOfResolutions and are checked across keys.
+    return 1, None, "at least 1 value"
+
+
+def _check_key(key: str, spec: KeySpec, raw: Sequence[str], loc: _Locator) -> tuple:
+    """Typed values of one key, checking type, range and the key's own count rule."""
+    low, high, wording = _describe_count(spec)
+    if len(raw) < low or (high is not None and len(raw) > high):
+        raise loc.error(key, f"{key} expects {wording}, got {len(raw)}")
+    values = []
+    for index, text in enumerate(raw):
+        value = _convert_value(spec, text)
+        if value is None:
+            which = f" (value {index + 1})" if len(raw) > 1 else ""
+            raise loc.error(key, f"{key} expects {_expectation(spec)}, got {text!r}{which}")
+        values.append(value)
+    if spec.name == "Metric" and len(set(values)) < len(values):
+        twice = next(v for v in values if values.count(v) > 1)
+        raise loc.error(key, f"Metric lists {twice!r} more than once")
+    if spec.name == "NormalizationPercentiles" and not values[0] < values[1]:
+        raise loc.error(key, f"NormalizationPercentiles expects lo < hi, got {raw[0]!r} {raw[1]!r}")
+    return tuple(values)
+
+
+def _unknown_key_message(key: str) -> str:
+    match = difflib.get_close_matches(key, _known_keys(), n=1)
+    hint = f" (did you mean {match[0]!r}?)" if match else ""
+    return f"unknown key {key!r}{hint}"
+
+
+def _check_all_keys(pm: Mapping[str, Sequence[str]], loc: _Locator) -> dict[str, tuple]:
+    """Typed values of every key, in line order so the first error is the first in the file."""
+    order = sorted(pm, key=lambda k: loc.lines.get(k, 0))
+    typed: dict[str, tuple] = {}
+    for key in order:
+        if _spec_for(key) is None:
+            raise loc.error(key, _unknown_key_message(key))
+    for key in order:
+        typed[key] = _check_key(key, _spec_for(key), tuple(pm[key]), loc)
+    return typed
+
+
+def _per_level(key: str, typed: dict[str, tuple], num_levels: int, loc: _Locator,
+               levels_note: str) -> tuple:
+    """Per-level values of ``key`` with the first-value fallback."""
+    if key in typed:
+        values = typed[key]
+        if len(values) > num_levels:
+            raise loc.error(
+                key,
+                f"{key} expects 1 to {num_levels} values (one per resolution; "
+                f"NumberOfResolutions is {num_levels}{levels_note}), got {len(values)}",
+            )
+    else:
+        # Defaults follow the same rule, cut to the number of levels.
+        spec = _SPECS[key]
+        values = _check_key(key, spec, spec.default[:num_levels], loc)
+    return values + (values[0],) * (num_levels - len(values))
+
+
+def _default_schedule(num_levels: int) -> tuple[tuple[int, int, int], ...]:
+    return tuple((2 ** (num_levels - 1 - lvl),) * 3 for lvl in range(num_levels))
+
+
+def _schedule(typed: dict[str, tuple], num_levels: int, loc: _Locator,
+              levels_note: str) -> tuple[tuple[int, int, int], ...]:
+    key = "ImagePyramidSchedule"
+    if key not in typed:
+        return _default_schedule(num_levels)
+    flat = typed[key]
+    if len(flat) != 3 * num_levels:
+        raise loc.error(
+            key,
+            f"{key} expects {3 * num_levels} values (x y z for each of {num_levels} "
+            f"resolution{'s' if num_levels != 1 else ''}; NumberOfResolutions is "
+            f"{num_levels}{levels_note}), got {len(flat)}",
+        )
+    levels = tuple(tuple(flat[3 * i:3 * i + 3]) for i in range(num_levels))
+    for lvl in range(1, num_levels):
+        if any(f > c for f, c in zip(levels[lvl], levels[lvl - 1])):
+            raise loc.error(
+                key,
+                f"{key}: level {lvl} factors {' '.join(map(str, levels[lvl]))} are larger than "
+                f"level {lvl - 1} factors {' '.join(map(str, levels[lvl - 1]))} "
+                "(levels go coarse to fine; factors must not increase)",
+            )
+    return levels
+
+
+def _metric_weights(typed: dict[str, tuple], metrics: tuple[str, ...], loc: _Locator) -> tuple[float, ...]:
+    """Weights per metric (given or equal), checked for count and sum."""
+    for key in sorted((k for k in typed if _WEIGHT_RE.match(k)), key=lambda k: loc.lines.get(k, 0)):
+        index = int(_WEIGHT_RE.match(key).group(1))
+        if index >= len(metrics):
+            raise loc.error(
+                key,
+                f"{key} has no metric: Metric lists {len(metrics)}{loc.line_note('Metric')}, "
+                f"so the weight keys are Metric0Weight to {_weight_key(len(metrics) - 1)}",
+            )
+    weights = tuple(
+        typed[_weight_key(i)][0] if _weight_key(i) in typed else 1.0 / len(metrics)
+        for i in range(len(metrics))
+    )
+    total = math.fsum(weights)
+    if abs(total - 1.0) > WEIGHT_SUM_TOLERANCE:
+        given = [_weight_key(i) for i in range(len(metrics)) if _weight_key(i) in typed]
+        blame = max(given, key=lambda k: loc.lines.get(k, 0)) if given else "Metric"
+        parts = ", ".join(
+            f"{_weight_key(i)} {w:g}" + ("" if _weight_key(i) in typed else " (default)")
+            for i, w in enumerate(weights)
+        )
+        raise loc.error(blame, f"metric weights must sum to 1, got {total:g} ({parts})")
+    return weights
+
+
+def _single(typed: dict[str, tuple], key: str, loc: _Locator):
+    """The one value of a single-valued key, given or default."""
+    if key in typed:
+        return typed[key][0]
+    spec = _SPECS[key]
+    return _check_key(key, spec, spec.default, loc)[0]
+
+
+def _values(typed: dict[str, tuple], key: str, loc: _Locator) -> tuple:
+    if key in typed:
+        return typed[key]
+    spec = _SPECS[key]
+    return _check_key(key, spec, spec.default, loc)
+
+
+def settings_from_map(pm: Mapping[str, Sequence[str]], *, source: str | None = None) -> Settings:
+    """Validate a raw parameter map and resolve it into :class:`Settings`.
+
+    Parameters
+    ----------
+    pm : ParamMap
+        Raw map; missing keys take their defaults. A :class:`ParsedParamMap` (from
+        :func:`parse_text` / :func:`read_parameter_file`) gives errors with line numbers.
+    source : str, optional
+        Name for messages and ``Settings.source``; default: ``pm.source`` if it has one,
+        else ``"<string>"``.
+
+    Returns
+    -------
+    Settings
+
+    Raises
+    ------
+    CombiregError
+        ``SOURCE:LINE: ...`` (``SOURCE: ...`` without line numbers) for an unknown key
+        (with the nearest known key as a suggestion), a value of the wrong type, count or
+        range, or keys that disagree with each other.
+    """
+    if source is None:
+        source = getattr(pm, "source", "<string>")
+    loc = _Locator(pm, source)
+    typed = _check_all_keys(pm, loc)
+
+    metrics = _values(typed, "Metric", loc)
+    weights = _metric_weights(typed, metrics, loc)
+    num_levels = _single(typed, "NumberOfResolutions", loc)
+    levels_note = loc.line_note("NumberOfResolutions")
+    per_level = {
+        name: _per_level(key, typed, num_levels, loc, levels_note)
+        for name, key in _PER_LEVEL_FIELDS.items()
+    }
+    return Settings(
+        metrics=metrics,
+        metric_weights=weights,
+        num_levels=num_levels,
+        pyramid_schedule=_schedule(typed, num_levels, loc, levels_note),
+        optimizer=_single(typed, "Optimizer", loc),
+        bidirectional=_single(typed, "Bidirectional", loc),
+        inverse_consistency_weight=_single(typed, "InverseConsistencyWeight", loc),
+        seed=_single(typed, "Seed", loc),
+        normalization_percentiles=_values(typed, "NormalizationPercentiles", loc),
+        num_threads=_single(typed, "NumberOfThreads", loc),
+        source=source,
+        **per_level,
+    )
+
+
+def load_settings(path: str | os.PathLike | None = None) -> Settings:
+    """Settings from a parameter file, or the defaults when ``path`` is None.
+
+    Raises
+    ------
+    CombiregError
+        If the file is missing, unreadable or invalid.
+    """
+    if path is None:
+        return default_settings()
+    return settings_from_map(read_parameter_file(path), source=os.fspath(path))
+
+
+def default_settings() -> Settings:
+    """The built-in defaults (``source == "<defaults>"``)."""
+    return settings_from_map({}, source="<defaults>")
+
+
+def default_parameter_map() -> ParamMap:
+    """Every key with its default value, resolved per level."""
+    return default_settings().to_parameter_map()
+
+
+_DEFAULT_HEADER = """\
+// combireg default parameters (elastix parameter-file syntax).
+// One (Key value ...) entry per line; // starts a comment; strings are quoted.
+// Keys marked "per resolution" take 1 to NumberOfResolutions values; a level
+// without its own value uses the first one.
+"""
+
+
+def default_parameter_text() -> str:
+    """The complete default parameter file, each key preceded by its description.
+
+    This is what ``combireg params defaults`` prints; parsing it gives
+    :func:`default_settings`.
+    """
+    return _DEFAULT_HEADER + "\n" + format_parameter_map(default_parameter_map(), comments=True)

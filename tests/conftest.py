@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny volumes on grids with anisotropic spacing and an oblique direction."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from combireg import Geometry, Image
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def oblique_direction(angle_deg: float = 17.0) -> np.ndarray:
+    """A rotation about an oblique axis (not a permutation or flip)."""
+    axis = np.array([1.0, 2.0, 3.0]) / np.sqrt(14.0)
+    a = np.deg2rad(angle_deg)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
+
+
+@pytest.fixture
+def oblique_geometry() -> Geometry:
+    """32 x 28 x 24 voxels, spacing 1.5/1.2/2.0 mm, oblique direction, off-centre origin."""
+    return Geometry((32, 28, 24), origin=(12.0, -7.5, 30.0), spacing=(1.5, 1.2, 2.0),
+                    direction=tuple(oblique_direction().ravel()))
+
+
+def smooth_pattern(points_lps_mm: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """A smooth, non-symmetric test image defined in world coordinates."""
+    r = points_lps_mm - centre
+    blob = np.exp(-(r ** 2).sum(-1) / (2 * 14.0 ** 2))
+    waves = 0.5 * np.sin(r[..., 0] / 4.0) * np.cos(r[..., 1] / 5.0) * np.sin(r[..., 2] / 6.0 + 0.3)
+    return (blob + waves + 0.2 * r[..., 0] / 30.0).astype(np.float32)
+
+
+def image_from_world_function(geometry: Geometry, func, displacement_lps_mm=None) -> Image:
+    """Image whose voxel at world point x holds ``func(x + u(x))``."""
+    points = geometry.world_grid()
+    if displacement_lps_mm is not None:
+        points = points + displacement_lps_mm
+    return Image(torch.from_numpy(func(points))[None], geometry)
+
+
+def known_displacement(geometry: Geometry) -> np.ndarray:
+    """A smooth displacement (LPS mm, up to ~2.5 mm) on ``geometry``, (Z, Y, X, 3)."""
+    points = geometry.world_grid()
+    r = points - points.reshape(-1, 3).mean(0)
+    u = np.zeros(points.shape, dtype=np.float32)
+    u[..., 0] = 2.0 * np.sin(r[..., 1] / 12.0)
+    u[..., 1] = 1.5 * np.cos(r[..., 2] / 10.0)
+    u[..., 2] = 1.0
+    return u

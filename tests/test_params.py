@@ -1,0 +1,565 @@
+"""Tests for combireg.params (parameter files) and the ``combireg params`` commands."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from combireg.errors import CombiregError
+from combireg.params import (
+    METRICS,
+    ParsedParamMap,
+    Settings,
+    default_parameter_map,
+    default_parameter_text,
+    default_settings,
+    format_parameter_map,
+    load_settings,
+    parse_text,
+    read_parameter_file,
+    settings_from_map,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = ROOT / "params"
+
+
+# --------------------------------------------------------------------------------------------
+# CLI plumbing: `cli/` becomes the package `combireg.cli` only once installed.
+# --------------------------------------------------------------------------------------------
+
+
+def _import_cli_package() -> None:
+    """Make ``combireg.cli`` importable from a source checkout (no install needed)."""
+    try:
+        importlib.import_module("combireg.cli")
+        return
+    except ModuleNotFoundError:
+        pass
+    spec = importlib.util.spec_from_file_location(
+        "combireg.cli", ROOT / "cli" / "__init__.py", submodule_search_locations=[str(ROOT / "cli")]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["combireg.cli"] = module
+    spec.loader.exec_module(module)
+
+
+def _cli_entry() -> click.Group:
+    """The real ``combireg`` group if it imports, else a stand-in with the same error contract.
+
+    The stand-in is only for checkouts where sibling commands (run, synth) do not exist yet.
+    """
+    _import_cli_package()
+    try:
+        return importlib.import_module("combireg.cli.main").main
+    except ImportError:
+        from combireg.cli.params_cmd import params
+
+        class _Group(click.Group):
+            def invoke(self, ctx):
+                try:
+                    return super().invoke(ctx)
+                except CombiregError as exc:
+                    click.echo(f"combireg: error: {exc}", err=True)
+                    sys.exit(2)
+
+        group = _Group("combireg")
+        group.add_command(params)
+        return group
+
+
+@pytest.fixture(scope="module")
+def cli() -> click.Group:
+    return _cli_entry()
+
+
+def _invoke(cli: click.Group, *args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+# --------------------------------------------------------------------------------------------
+# Syntax
+# --------------------------------------------------------------------------------------------
+
+
+def test_parse_comments_quotes_and_multiple_values():
+    text = (
+        "// whole-line comment\n"
+        "\n"
+        '   (Metric "MSE" "NCC")   // trailing comment\n'
+        "\t(MaximumNumberOfIterations 200\t100)\n"
+        '(Unknown "a // not a comment" b)\n'
+        "(Empty)\n"
+        "  // indented comment (Seed 3)\n"
+    )
+    pm = parse_text(text)
+    assert pm == {
+        "Metric": ("MSE", "NCC"),
+        "MaximumNumberOfIterations": ("200", "100"),
+        "Unknown": ("a // not a comment", "b"),
+        "Empty": (),
+    }
+    assert list(pm) == ["Metric", "MaximumNumberOfIterations", "Unknown", "Empty"]
+    assert pm.lines == {"Metric": 3, "MaximumNumberOfIterations": 4, "Unknown": 5, "Empty": 6}
+    assert pm.source == "<string>"
+
+
+def test_parse_crlf_bom_and_empty_quoted_value():
+    pm = parse_text('\ufeff(A "")\r\n(B 1)//x\r\n', source="f.txt")
+    assert pm == {"A": ("",), "B": ("1",)}
+    assert pm.lines == {"A": 1, "B": 2}
+    assert pm.source == "f.txt"
+
+
+def test_parse_empty_text():
+    assert parse_text("") == {}
+    assert parse_text("// only comments\n\n") == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("\nMetric 1", "f.txt:2: expected '(' at the start of an entry, got 'Metric 1'"),
+        ("(Seed 1", "f.txt:1: missing ')'"),
+        ("(Seed 1 // comment)", "f.txt:1: missing ')'"),
+        ('(Metric "MSE)', "f.txt:1: unbalanced quote"),
+        ('(Metric "MSE"x)', "f.txt:1: expected a space or ')' after the closing quote, got 'x'"),
+        ("()", "f.txt:1: empty key"),
+        ('("" 1)', "f.txt:1: empty key"),
+        ("(Seed 1) junk", "f.txt:1: unexpected text after ')': 'junk'"),
+        ("(Seed 1)(Seed 2)", "f.txt:1: unexpected text after ')': '(Seed 2)'"),
+        ("(Seed (1))", "f.txt:1: unexpected '(' inside an entry"),
+        ('("Seed" 1)', "f.txt:1: the key must not be quoted: 'Seed'"),
+        ("(1Seed 1)", "f.txt:1: invalid key '1Seed' (letters, digits and '_', not starting with a digit)"),
+        ("(Seed 1)\n// x\n(Seed 2)", "f.txt:3: duplicate key 'Seed' (first given on line 1)"),
+    ],
+)
+def test_syntax_errors(text, message):
+    with pytest.raises(CombiregError) as info:
+        parse_text(text, source="f.txt")
+    assert str(info.value) == message
+
+
+def test_syntax_error_default_source_is_string():
+    with pytest.raises(CombiregError, match=r"^<string>:1: missing '\)'$"):
+        parse_text("(Seed 1")
+
+
+# --------------------------------------------------------------------------------------------
+# Per-level fallback and defaults
+# --------------------------------------------------------------------------------------------
+
+
+def _settings(text: str) -> Settings:
+    return settings_from_map(parse_text(text, source="p.txt"))
+
+
+def test_fallback_single_value_applies_to_every_level():
+    s = _settings("(NumberOfResolutions 3)\n(MaximumNumberOfIterations 40)\n(LearningRate 0.5)")
+    assert s.iterations == (40, 40, 40)
+    assert s.learning_rate == (0.5, 0.5, 0.5)
+
+
+def test_fallback_partial_list_takes_first_value():
+    s = _settings("(NumberOfResolutions 3)\n(MaximumNumberOfIterations 200 100)\n(NCCWindowSize 9 5)")
+    assert s.iterations == (200, 100, 200)
+    assert s.ncc_window == (9, 5, 9)
+
+
+def test_fallback_full_list_is_kept():
+    s = _settings("(NumberOfResolutions 3)\n(RegularizationWeight 3 2 0.5)")
+    assert s.regularization_weight == (3.0, 2.0, 0.5)
+
+
+def test_defaults_follow_number_of_levels():
+    one = _settings("(NumberOfResolutions 1)")
+    assert one.iterations == (150,)
+    assert one.pyramid_schedule == ((1, 1, 1),)
+    three = _settings("(NumberOfResolutions 3)")
+    assert three.iterations == (150, 60, 150)
+    assert three.pyramid_schedule == ((4, 4, 4), (2, 2, 2), (1, 1, 1))
+    assert three.ncc_window == (7, 7, 7)
+
+
+def test_default_settings_values():
+    s = default_settings()
+    assert s.metrics == ("MSE", "NCC")
+    assert s.metric_weights == (0.5, 0.5)
+    assert s.ncc_window == (7, 7)
+    assert s.regularization_weight == (1.0, 1.0)
+    assert s.num_levels == 2
+    assert s.pyramid_schedule == ((2, 2, 2), (1, 1, 1))
+    assert s.iterations == (150, 60)
+    assert s.learning_rate == (0.01, 0.01)
+    assert s.optimizer == "Adam"
+    assert s.bidirectional is True
+    assert s.inverse_consistency_weight == 0.1
+    assert s.seed == 0
+    assert s.normalization_percentiles == (0.5, 99.5)
+    assert s.num_threads == 0
+    assert s.source == "<defaults>"
+
+
+def test_anisotropic_schedule_and_equal_weights():
+    s = _settings(
+        '(Metric "MSE" "NCC" "GlobalNCC")\n(NumberOfResolutions 2)\n'
+        "(ImagePyramidSchedule 4 4 2 2 2 1)\n(Bidirectional \"false\")"
+    )
+    assert s.pyramid_schedule == ((4, 4, 2), (2, 2, 1))
+    assert s.metric_weights == pytest.approx((1 / 3, 1 / 3, 1 / 3))
+    assert s.bidirectional is False
+    assert "GlobalNCC" in METRICS
+
+
+def test_given_weights_are_used():
+    s = _settings('(Metric "NCC" "MSE")\n(Metric0Weight 0.25)\n(Metric1Weight 0.75)')
+    assert s.metrics == ("NCC", "MSE")
+    assert s.metric_weights == (0.25, 0.75)
+
+
+def test_weights_sum_within_tolerance():
+    s = _settings("(Metric0Weight 0.3333333)\n(Metric1Weight 0.6666667)")
+    assert s.metric_weights == (0.3333333, 0.6666667)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation errors
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("(Seed 1)\n(LearningRat 0.1)", "p.txt:2: unknown key 'LearningRat' (did you mean 'LearningRate'?)"),
+        ("(metric \"MSE\")", "p.txt:1: unknown key 'metric' (did you mean 'Metric'?)"),
+        ("(Transform \"BSplineTransform\")", "p.txt:1: unknown key 'Transform'"),
+        ("(Seed abc)", "p.txt:1: Seed expects an integer >= 0 and <= 4294967295, got 'abc'"),
+        ("(Seed -1)", "p.txt:1: Seed expects an integer >= 0 and <= 4294967295, got '-1'"),
+        ("(NumberOfResolutions 2.0)", "p.txt:1: NumberOfResolutions expects an integer >= 1, got '2.0'"),
+        ("(NumberOfResolutions 0)", "p.txt:1: NumberOfResolutions expects an integer >= 1, got '0'"),
+        ("(MaximumNumberOfIterations 10 x)",
+         "p.txt:1: MaximumNumberOfIterations expects an integer >= 0, got 'x' (value 2)"),
+        ("(NCCWindowSize 4)", "p.txt:1: NCCWindowSize expects an odd integer >= 3, got '4'"),
+        ("(NCCWindowSize 1)", "p.txt:1: NCCWindowSize expects an odd integer >= 3, got '1'"),
+        ("(LearningRate 0)", "p.txt:1: LearningRate expects a number > 0, got '0'"),
+        ("(LearningRate nan)", "p.txt:1: LearningRate expects a number > 0, got 'nan'"),
+        ("(RegularizationWeight -0.5)", "p.txt:1: RegularizationWeight expects a number >= 0, got '-0.5'"),
+        ("(InverseConsistencyWeight 1e999)",
+         "p.txt:1: InverseConsistencyWeight expects a number >= 0, got '1e999'"),
+        ("(Bidirectional yes)", "p.txt:1: Bidirectional expects \"true\" or \"false\", got 'yes'"),
+        ("(Optimizer \"SGD\")", "p.txt:1: Optimizer expects one of 'Adam', got 'SGD'"),
+        ('(Metric "MI")', "p.txt:1: Metric expects one of 'MSE', 'NCC', 'GlobalNCC', got 'MI'"),
+        ('(Metric "MSE" "MSE")', "p.txt:1: Metric lists 'MSE' more than once"),
+        ("(Metric)", "p.txt:1: Metric expects 1 to 4 values, got 0"),
+        ('(Metric "MSE" "NCC" "GlobalNCC" "MSE" "NCC")', "p.txt:1: Metric expects 1 to 4 values, got 5"),
+        ("(Seed 1 2)", "p.txt:1: Seed expects exactly 1 value, got 2"),
+        ("(NormalizationPercentiles 5)", "p.txt:1: NormalizationPercentiles expects exactly 2 values, got 1"),
+        ("(NormalizationPercentiles 5 101)",
+         "p.txt:1: NormalizationPercentiles expects a number >= 0 and <= 100, got '101' (value 2)"),
+        ("(NormalizationPercentiles 60 40)",
+         "p.txt:1: NormalizationPercentiles expects lo < hi, got '60' '40'"),
+        ("(Metric0Weight -0.1)", "p.txt:1: Metric0Weight expects a number >= 0, got '-0.1'"),
+        ("(Metric01Weight 1)", "p.txt:1: unknown key 'Metric01Weight' (did you mean 'Metric1Weight'?)"),
+    ],
+)
+def test_value_errors(text, message):
+    with pytest.raises(CombiregError) as info:
+        _settings(text)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('(Metric "MSE" "NCC")\n\n(Metric2Weight 0.3)',
+         "p.txt:3: Metric2Weight has no metric: Metric lists 2 (line 1), "
+         "so the weight keys are Metric0Weight to Metric1Weight"),
+        ("(Metric0Weight 0.3)",
+         "p.txt:1: metric weights must sum to 1, got 0.8 "
+         "(Metric0Weight 0.3, Metric1Weight 0.5 (default))"),
+        ('(Metric "MSE" "NCC")\n(Metric1Weight 0.6)\n(Metric0Weight 0.6)',
+         "p.txt:3: metric weights must sum to 1, got 1.2 (Metric0Weight 0.6, Metric1Weight 0.6)"),
+        ("(NumberOfResolutions 2)\n(MaximumNumberOfIterations 1 2 3)",
+         "p.txt:2: MaximumNumberOfIterations expects 1 to 2 values (one per resolution; "
+         "NumberOfResolutions is 2 (line 1)), got 3"),
+        ("(LearningRate 0.1 0.1 0.1)",
+         "p.txt:1: LearningRate expects 1 to 2 values (one per resolution; "
+         "NumberOfResolutions is 2), got 3"),
+        ("(NumberOfResolutions 1)\n(ImagePyramidSchedule 2 2 2 1 1 1)",
+         "p.txt:2: ImagePyramidSchedule expects 3 values (x y z for each of 1 resolution; "
+         "NumberOfResolutions is 1 (line 1)), got 6"),
+        ("(ImagePyramidSchedule 4 4 4)",
+         "p.txt:1: ImagePyramidSchedule expects 6 values (x y z for each of 2 resolutions; "
+         "NumberOfResolutions is 2), got 3"),
+        ("(ImagePyramidSchedule 2 2 2 1 4 1)",
+         "p.txt:1: ImagePyramidSchedule: level 1 factors 1 4 1 are larger than level 0 factors "
+         "2 2 2 (levels go coarse to fine; factors must not increase)"),
+        ("(ImagePyramidSchedule 2 2 2 1 0 1)",
+         "p.txt:1: ImagePyramidSchedule expects an integer >= 1, got '0' (value 5)"),
+    ],
+)
+def test_cross_key_errors_name_the_offending_line(text, message):
+    with pytest.raises(CombiregError) as info:
+        _settings(text)
+    assert str(info.value) == message
+
+
+def test_first_error_in_file_order_is_reported():
+    text = "(Seed 1)\n(NCCWindowSize 4)\n(LearningRate 0)"
+    with pytest.raises(CombiregError, match=r"^p\.txt:2: NCCWindowSize "):
+        _settings(text)
+
+
+def test_plain_dict_errors_have_no_line_numbers():
+    with pytest.raises(CombiregError) as info:
+        settings_from_map({"LearningRat": ("1",)})
+    assert str(info.value) == "<string>: unknown key 'LearningRat' (did you mean 'LearningRate'?)"
+    with pytest.raises(CombiregError) as info:
+        settings_from_map({"Seed": ("x",)}, source="cfg")
+    assert str(info.value) == "cfg: Seed expects an integer >= 0 and <= 4294967295, got 'x'"
+
+
+def test_source_comes_from_parsed_map():
+    pm = ParsedParamMap({"Seed": ("5",)}, source="a.txt", lines={"Seed": 7})
+    s = settings_from_map(pm)
+    assert s.seed == 5 and s.source == "a.txt"
+    with pytest.raises(CombiregError, match=r"^a\.txt:7: Seed expects"):
+        settings_from_map(ParsedParamMap({"Seed": ("-5",)}, source="a.txt", lines={"Seed": 7}))
+
+
+def test_read_parameter_file_errors(tmp_path):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(CombiregError) as info:
+        read_parameter_file(missing)
+    assert str(info.value) == f"{missing}: no such file"
+    with pytest.raises(CombiregError, match=r": cannot read parameter file"):
+        read_parameter_file(tmp_path)
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"(Seed \xff)")
+    with pytest.raises(CombiregError, match=r"bin\.txt: not a UTF-8 text file"):
+        read_parameter_file(binary)
+
+
+def test_load_settings(tmp_path):
+    assert load_settings() == default_settings()
+    path = tmp_path / "p.txt"
+    path.write_text("(Seed 42)\n(Bidirectional \"false\")\n")
+    s = load_settings(path)
+    assert s.seed == 42 and s.bidirectional is False and s.source == str(path)
+    path.write_text("(Seed 42)\n(Sed 1)\n")
+    with pytest.raises(CombiregError) as info:
+        load_settings(path)
+    assert str(info.value) == f"{path}:2: unknown key 'Sed' (did you mean 'Seed'?)"
+
+
+# --------------------------------------------------------------------------------------------
+# Writing and round trips
+# --------------------------------------------------------------------------------------------
+
+
+def test_format_quotes_string_keys_only():
+    pm = {
+        "Metric": ("MSE", "NCC"),
+        "Bidirectional": ("false",),
+        "MaximumNumberOfIterations": ("10", "5"),
+        "Other": ("3.5", "word", "two words", ""),
+    }
+    assert format_parameter_map(pm) == (
+        '(Metric "MSE" "NCC")\n'
+        '(Bidirectional "false")\n'
+        "(MaximumNumberOfIterations 10 5)\n"
+        '(Other 3.5 "word" "two words" "")\n'
+    )
+
+
+def test_format_with_comments_describes_keys():
+    text = format_parameter_map({"LearningRate": ("0.1",), "Unknown": ("1",)}, comments=True)
+    lines = text.splitlines()
+    assert lines[0].startswith("// Adam step size per resolution")
+    assert "normalised grid units" in lines[0] and "grid_sample" in lines[0]
+    assert lines[1:] == ["(LearningRate 0.1)", "(Unknown 1)"]
+
+
+def test_format_rejects_unwritable_values():
+    with pytest.raises(CombiregError, match="contains a quote"):
+        format_parameter_map({"Other": ('a"b',)})
+    with pytest.raises(CombiregError, match="cannot write key"):
+        format_parameter_map({"bad key": ("1",)})
+
+
+def test_text_map_text_map_round_trip():
+    text = (
+        "// comment\n"
+        '(Metric "MSE" "NCC")  // why\n'
+        "(Metric0Weight 0.25)\n(Metric1Weight 0.75)\n"
+        '(Odd "a // b" "(x)" "" 1e-3 -2 bare)\n'
+        "(NoValues)\n"
+    )
+    pm = parse_text(text)
+    again = parse_text(format_parameter_map(pm))
+    assert again == pm
+    assert format_parameter_map(again) == format_parameter_map(pm)
+    assert again["Odd"] == ("a // b", "(x)", "", "1e-3", "-2", "bare")
+
+
+def test_format_parse_round_trip_of_plain_map():
+    pm = {"Metric": ("GlobalNCC",), "Seed": ("7",), "X": ("has space", "semi;colon", "/slash/")}
+    assert parse_text(format_parameter_map(pm)) == pm
+
+
+def test_settings_map_settings_round_trip():
+    s = _settings(
+        '(Metric "NCC" "GlobalNCC" "MSE")\n(Metric0Weight 0.2)\n(Metric1Weight 0.3)\n'
+        "(Metric2Weight 0.5)\n(NumberOfResolutions 3)\n(ImagePyramidSchedule 4 4 2 2 2 1 1 1 1)\n"
+        "(LearningRate 0.1 0.003)\n(RegularizationWeight 0.1)\n(Seed 123)\n"
+        "(NormalizationPercentiles 1 99)\n(NumberOfThreads 4)\n(InverseConsistencyWeight 0.30000000000000004)"
+    )
+    pm = s.to_parameter_map()
+    assert pm["LearningRate"] == ("0.1", "0.003", "0.1")
+    assert pm["RegularizationWeight"] == ("0.1", "0.1", "0.1")
+    assert pm["ImagePyramidSchedule"] == ("4", "4", "2", "2", "2", "1", "1", "1", "1")
+    back = settings_from_map(pm)
+    assert back == s
+    assert back.inverse_consistency_weight == 0.30000000000000004
+    # ... and through text as well.
+    assert settings_from_map(parse_text(format_parameter_map(pm))) == s
+
+
+def test_source_does_not_take_part_in_equality():
+    a = default_settings()
+    b = settings_from_map({}, source="elsewhere")
+    assert a == b and a.source != b.source
+
+
+def test_default_parameter_map_lists_every_key():
+    pm = default_parameter_map()
+    assert list(pm) == [
+        "Metric", "Metric0Weight", "Metric1Weight", "NCCWindowSize", "RegularizationWeight",
+        "NumberOfResolutions", "ImagePyramidSchedule", "MaximumNumberOfIterations",
+        "LearningRate", "Optimizer", "Bidirectional", "InverseConsistencyWeight", "Seed",
+        "NormalizationPercentiles", "NumberOfThreads",
+    ]
+    assert pm["ImagePyramidSchedule"] == ("2", "2", "2", "1", "1", "1")
+    assert pm["Bidirectional"] == ("true",)
+
+
+def test_default_parameter_text_parses_to_defaults():
+    text = default_parameter_text()
+    assert text.startswith("// ")
+    assert "(Metric \"MSE\" \"NCC\")" in text
+    assert settings_from_map(parse_text(text)) == default_settings()
+    assert parse_text(text) == default_parameter_map()
+
+
+# --------------------------------------------------------------------------------------------
+# Settings.replace
+# --------------------------------------------------------------------------------------------
+
+
+def test_replace_validates_and_applies_fallback():
+    s = default_settings().replace(iterations=(5,), seed=9)
+    assert s.iterations == (5, 5) and s.seed == 9 and s.source == "<defaults>"
+    with pytest.raises(CombiregError, match=r"^Settings\.replace: LearningRate expects a number > 0"):
+        default_settings().replace(learning_rate=(-1.0,))
+
+
+def test_replace_refits_levels_and_weights():
+    s = default_settings().replace(num_levels=3)
+    assert s.pyramid_schedule == ((4, 4, 4), (2, 2, 2), (1, 1, 1))
+    assert s.iterations == (150, 60, 150)
+    one = default_settings().replace(num_levels=1, iterations=(30,))
+    assert one.iterations == (30,) and one.ncc_window == (7,) and one.pyramid_schedule == ((1, 1, 1),)
+    assert default_settings().replace(metrics=("NCC",)).metric_weights == (1.0,)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["default.txt", "paper_io.txt", "mse.txt", "ncc.txt"])
+def test_presets_parse_and_start_with_a_header(name):
+    path = PRESETS / name
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith(f"// combireg preset: {name}")
+    s = load_settings(path)
+    assert s.source == str(path)
+    assert settings_from_map(s.to_parameter_map()) == s
+
+
+def test_default_preset_equals_defaults():
+    assert load_settings(PRESETS / "default.txt") == default_settings()
+
+
+def test_paper_io_preset():
+    s = load_settings(PRESETS / "paper_io.txt")
+    assert s.metrics == ("MSE", "NCC") and s.metric_weights == (0.5, 0.5)
+    assert s.regularization_weight == (1.0,)
+    assert s.learning_rate == (0.001,)
+    assert s.iterations == (30,)
+    assert s.num_levels == 1 and s.pyramid_schedule == ((1, 1, 1),)
+    assert s.bidirectional is True and s.inverse_consistency_weight == 0.0
+
+
+@pytest.mark.parametrize("name, metric", [("mse.txt", "MSE"), ("ncc.txt", "NCC")])
+def test_single_metric_presets(name, metric):
+    s = load_settings(PRESETS / name)
+    assert s.metrics == (metric,) and s.metric_weights == (1.0,)
+    # Everything else is the default.
+    defaults = default_settings().replace(metrics=(metric,))
+    assert s == defaults
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def test_cli_defaults_prints_parsable_defaults(cli):
+    result = _invoke(cli, "params", "defaults")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == default_parameter_text()
+    assert settings_from_map(parse_text(result.stdout)) == default_settings()
+
+
+def test_cli_check_ok(cli, tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text('(Metric "MSE" "NCC")\n(Metric0Weight 0.25)\n(Metric1Weight 0.75)\n'
+                    "(NumberOfResolutions 3)\n(MaximumNumberOfIterations 100 50 20)\n")
+    result = _invoke(cli, "params", "check", str(path))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (
+        f"{path}: OK (5 keys; metrics MSE+NCC 0.25/0.75, 3 resolutions, iterations 100 50 20)\n"
+    )
+
+
+def test_cli_check_default_preset(cli):
+    path = str(PRESETS / "default.txt")
+    result = _invoke(cli, "params", "check", path)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (
+        f"{path}: OK (15 keys; metrics MSE+NCC 0.5/0.5, 2 resolutions, iterations 150 60)\n"
+    )
+
+
+def test_cli_check_invalid_file_exits_2(cli, tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_text("(Seed 1)\n(LearningRat 0.1)\n")
+    result = _invoke(cli, "params", "check", str(path))
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"combireg: error: {path}:2: unknown key 'LearningRat' (did you mean 'LearningRate'?)\n"
+    )
+
+
+def test_cli_check_missing_file_exits_2(cli, tmp_path):
+    path = tmp_path / "missing.txt"
+    result = _invoke(cli, "params", "check", str(path))
+    assert result.exit_code == 2
+    assert result.stderr == f"combireg: error: {path}: no such file\n"

@@ -1,0 +1,177 @@
+"""combireg.optimize + combireg.api: recovery of known fields, the written convention, inverses."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from combireg import Image, io
+from combireg.api import register
+from combireg.errors import CombiregError
+from combireg.params import default_settings
+from combireg.warp import jacobian_determinant
+from tests.conftest import image_from_world_function, known_displacement, smooth_pattern
+
+
+def _settings(**changes):
+    base = dict(iterations=(150, 100), learning_rate=(0.02, 0.01), regularization_weight=(0.05, 0.05),
+                pyramid_schedule=((2, 2, 2), (1, 1, 1)), ncc_window=(5, 5))
+    base.update(changes)
+    return default_settings().replace(**base)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    from tests.conftest import oblique_direction
+    from combireg import Geometry
+
+    geometry = Geometry((32, 28, 24), origin=(12.0, -7.5, 30.0), spacing=(1.5, 1.2, 2.0),
+                        direction=tuple(oblique_direction().ravel()))
+    centre = geometry.world_grid().reshape(-1, 3).mean(0)
+    func = lambda p: smooth_pattern(p, centre)  # noqa: E731
+    u_true = known_displacement(geometry)
+    source = image_from_world_function(geometry, func)
+    # target(x) = source(x + u(x)): registering source to target must recover u
+    target = image_from_world_function(geometry, func, u_true)
+    return source, target, u_true
+
+
+@pytest.fixture(scope="module")
+def result(problem):
+    source, target, _ = problem
+    return register(source, target, _settings())
+
+
+def _interior(a, m=3):
+    return a[m:-m, m:-m, m:-m]
+
+
+def test_recovers_known_displacement_within_half_a_voxel(problem, result):
+    _, target, u_true = problem
+    error = np.linalg.norm(result.displacement_lps_mm - u_true, axis=-1)
+    half_voxel = 0.5 * min(target.geometry.spacing)
+    initial = np.linalg.norm(u_true, axis=-1)
+    assert _interior(initial).mean() > 1.5  # the problem is not trivial
+    assert _interior(error).mean() < half_voxel
+    assert np.percentile(_interior(error), 90) < half_voxel
+
+
+def test_forward_and_backward_fields_are_approximately_inverse(result):
+    # x -> x + u(x) -> (x + u(x)) + v(x + u(x)) should come back to x (within a fraction of a voxel)
+    u, g = result.displacement_lps_mm, result.target_geometry
+    from combireg.landmarks import sample_displacement
+
+    points = g.world_grid()[4:-4:3, 4:-4:3, 4:-4:3].reshape(-1, 3)
+    mapped = points + sample_displacement(u, g, points)
+    back = mapped + sample_displacement(result.inverse_displacement_lps_mm, result.source_geometry, mapped)
+    assert np.linalg.norm(back - points, axis=-1).mean() < 0.3
+    assert np.linalg.norm(mapped - points, axis=-1).mean() > 1.5
+
+
+def test_result_report_and_no_folding(result):
+    rep = result.report
+    assert rep["jacobian"]["percent_nonpositive"] == 0.0
+    assert 0.3 < rep["jacobian"]["min"] <= 1.0 <= rep["jacobian"]["max"]
+    # away from the borders the Jacobian stays near the true one (0.8 .. 1.2)
+    jac = _interior(jacobian_determinant(result.displacement_lps_mm, result.target_geometry), 4)
+    assert 0.6 < jac.min() and jac.max() < 1.4
+    assert [lvl["iterations"] for lvl in rep["levels"]] == [150, 100]
+    # the loss went down on each level
+    for lvl in rep["levels"]:
+        assert lvl["loss_history"][-1] < lvl["loss_history"][0]
+    assert rep["seed"] == 0 and rep["device"] == "cpu"
+
+
+def test_itk_resampler_with_written_field_reproduces_warped(tmp_path, problem, result):
+    """Our field applied by ITK's own DisplacementFieldTransform gives our warped image."""
+    import itk
+
+    source, target, _ = problem
+    src_path = tmp_path / "src.nii.gz"
+    io.write_image(src_path, source)
+    out = result.save(tmp_path / "out")
+    field = itk.imread(str(out / "field.nii.gz"))  # as written: vector float32
+    # DisplacementFieldTransform<double> wants double vectors; only the pixel type changes.
+    field_d = itk.image_from_array(itk.array_from_image(field).astype(np.float64), is_vector=True)
+    field_d.CopyInformation(field)
+    transform = itk.DisplacementFieldTransform[itk.D, 3].New()
+    transform.SetDisplacementField(field_d)
+    moving = itk.imread(str(src_path), itk.F)
+    fixed_like = itk.imread(str(out / "warped_0.nii.gz"), itk.F)
+    resampled = itk.resample_image_filter(moving, transform=transform, use_reference_image=True,
+                                          reference_image=fixed_like, default_pixel_value=0.0)
+    ours = itk.array_from_image(fixed_like)
+    theirs = itk.array_from_image(resampled)
+    inner = (slice(2, -2),) * 3
+    assert np.abs(ours[inner] - theirs[inner]).max() < 1e-3 * np.abs(ours).max()
+
+
+def test_saved_outputs(tmp_path, result):
+    out = result.save(tmp_path / "o")
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["field.nii.gz", "field_inverse.nii.gz", "params.txt", "report.json", "warped_0.nii.gz"]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["wall_time_s"] > 0 and rep["peak_memory_mb"] > 0
+    from combireg.params import load_settings
+
+    assert load_settings(out / "params.txt") == result.settings
+    with pytest.raises(CombiregError, match="not empty"):
+        result.save(out)
+    result.save(out, overwrite=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_source_on_another_grid(problem):
+    """A source on a coarser, differently oriented grid is resampled in world coordinates first."""
+    from combireg import Geometry
+
+    source, target, u_true = problem
+    centre = target.geometry.world_grid().reshape(-1, 3).mean(0)
+    other = Geometry((36, 36, 30), origin=tuple(centre - np.array([26.0, 26.0, 29.0])), spacing=(1.5, 1.5, 2.0))
+    src_other = image_from_world_function(other, lambda p: smooth_pattern(p, centre))
+    res = register(src_other, target, _settings())
+    assert res.inverse_displacement_lps_mm.shape == other.shape + (3,)
+    assert res.source_geometry == other
+    error = np.linalg.norm(res.displacement_lps_mm - u_true, axis=-1)
+    assert _interior(error, 5).mean() < 0.5 * min(target.geometry.spacing)
+
+
+def test_deterministic_for_fixed_seed(problem):
+    source, target, _ = problem
+    s = _settings(iterations=(20, 10))
+    a = register(source, target, s).displacement_lps_mm
+    b = register(source, target, s).displacement_lps_mm
+    np.testing.assert_array_equal(a, b)
+
+
+def test_unidirectional_uses_numerical_inverse(problem):
+    source, target, u_true = problem
+    res = register(source, target, _settings(bidirectional=False))
+    error = np.linalg.norm(res.displacement_lps_mm - u_true, axis=-1)
+    assert _interior(error).mean() < 0.5 * min(target.geometry.spacing)
+    assert np.abs(res.inverse_displacement_lps_mm).max() > 1.0
+
+
+def test_init_field_is_used(problem, tmp_path):
+    source, target, u_true = problem
+    # zero iterations: the output is the initial field itself
+    s = _settings(iterations=(0, 0))
+    res = register(source, target, s, init=(u_true, target.geometry))
+    assert np.abs(res.displacement_lps_mm - u_true).max() < 0.05
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda s, t: (Image(s.data.repeat(2, 1, 1, 1), s.geometry), t), "same count"),
+    (lambda s, t: (Image(torch.zeros_like(s.data), s.geometry), t), "constant"),
+])
+def test_bad_inputs(problem, mutate, message):
+    source, target, _ = problem
+    s, t = mutate(source, target)
+    with pytest.raises(CombiregError, match=message):
+        register(s, t, _settings(iterations=(1, 1)))
+
+
+def test_memory_estimate_refuses_too_big(problem):
+    source, target, _ = problem
+    with pytest.raises(CombiregError, match="GiB but only"):
+        register(source, target, _settings(), max_memory_bytes=1000)
