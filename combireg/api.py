@@ -80,6 +80,8 @@ class Result:
         from . import io
 
         outdir = prepare_output_dir(outdir, overwrite=overwrite)
+        created = [p for p in reversed(outdir.parents) if not p.exists()]
+        outdir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=outdir.parent))
         try:
             io.write_displacement(tmp / FIELD_NAME, self.displacement_lps_mm, self.target_geometry)
@@ -92,6 +94,11 @@ class Result:
             _replace_dir(tmp, outdir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            for parent in reversed(created):  # parents this call made, deepest first
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
             raise
         return outdir
 
@@ -116,16 +123,19 @@ def prepare_output_dir(outdir: str | os.PathLike, *, overwrite: bool) -> Path:
         raise CombiregError(f"{outdir}: exists and is not a directory")
     if outdir.is_dir() and any(outdir.iterdir()) and not overwrite:
         raise CombiregError(f"{outdir}: output directory is not empty (use --overwrite)")
-    parent = outdir.parent
+    parent = outdir if outdir.is_dir() else outdir.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK) or (outdir.is_dir() and not os.access(outdir, os.W_OK)):
-        raise CombiregError(f"{outdir}: output directory is not writable")
+    # Why a real probe: os.access() says yes to root everywhere, even on read-only mounts.
+    try:
+        probe = tempfile.mkdtemp(prefix=".combireg-probe-", dir=parent)
+        os.rmdir(probe)
+    except OSError:
+        raise CombiregError(f"{outdir}: output directory is not writable") from None
     return outdir
 
 
 def _replace_dir(tmp: Path, outdir: Path) -> None:
-    outdir.parent.mkdir(parents=True, exist_ok=True)
     old = None
     if outdir.exists():
         old = outdir.with_name(f".{outdir.name}.old-{os.getpid()}")

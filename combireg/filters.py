@@ -56,11 +56,17 @@ def separable_filter(x: torch.Tensor, mz: torch.Tensor, my: torch.Tensor, mx: to
     return out
 
 
-def box_filter(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Local mean over a cube of ``window`` voxels (odd), truncated at the image border."""
+def box_filter(x: torch.Tensor, window: int, *, transpose: bool = False) -> torch.Tensor:
+    """Local mean over a cube of ``window`` voxels (odd), truncated at the image border.
+
+    ``transpose=True`` applies the adjoint filter (rows are normalised, so near the border the
+    filter is not symmetric); used by hand-written backward passes.
+    """
     _, _, z, y, xs = x.shape
-    dev = x.device
-    return separable_filter(x, box_matrix(z, window, dev), box_matrix(y, window, dev), box_matrix(xs, window, dev))
+    mats = [box_matrix(n, window, x.device).to(x.dtype) for n in (z, y, xs)]
+    if transpose:
+        mats = [m.T for m in mats]
+    return separable_filter(x, *mats)
 
 
 def gaussian_blur(x: torch.Tensor, sigma_zyx) -> torch.Tensor:
@@ -68,5 +74,5 @@ def gaussian_blur(x: torch.Tensor, sigma_zyx) -> torch.Tensor:
     _, _, z, y, xs = x.shape
     mats = []
     for n, s in zip((z, y, xs), sigma_zyx):
-        mats.append(gaussian_matrix(n, s, x.device) if s > 0 else torch.eye(n, device=x.device))
+        mats.append(gaussian_matrix(n, s, x.device).to(x.dtype) if s > 0 else torch.eye(n, device=x.device, dtype=x.dtype))
     return separable_filter(x, *mats)

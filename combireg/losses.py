@@ -36,8 +36,9 @@ def local_ncc(warped: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | N
               window: int = 7, target_stats: tuple | None = None, **_) -> torch.Tensor:
     """``1 - mean(cc^2)`` of the windowed normalised cross-correlation (as in VoxelMorph).
 
-    ``cc = cov(I, J)^2 / (var(I) var(J) + eps)`` over a cube of ``window`` voxels around each
-    voxel, so 0 is perfect local linear agreement and 1 none.
+    ``cc^2 = cov(I, J)^2 / (var(I) var(J) + eps)`` over a cube of ``window`` voxels around each
+    voxel, so 0 is perfect local linear agreement and 1 none. Gradients flow to ``warped``
+    only (the target is fixed during optimisation).
 
     Parameters
     ----------
@@ -45,16 +46,58 @@ def local_ncc(warped: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | N
         ``(mean_J, var_J)`` of the target precomputed by :func:`local_stats`; the target
         does not move during optimisation, so its local moments need computing only once.
     """
-    c = warped.shape[1]
     if target_stats is None:
         target_stats = local_stats(target, window)
     mean_t, var_t = target_stats
+    if mask is None:
+        return _LocalNCC.apply(warped, target.detach(), mean_t, var_t, window)
+    cc = _local_cc2(warped, target, mean_t, var_t, window)[0]
+    return 1.0 - _masked_mean(cc, mask)
+
+
+def _local_cc2(warped, target, mean_t, var_t, window):
+    c = warped.shape[1]
     moments = box_filter(torch.cat([warped, warped * warped, warped * target], dim=1), window)
     mean_w, mean_ww, mean_wt = moments[:, :c], moments[:, c : 2 * c], moments[:, 2 * c :]
     cov = mean_wt - mean_w * mean_t
     var_w = (mean_ww - mean_w * mean_w).clamp_min(0)
-    cc = cov * cov / (var_w * var_t + _EPS)
-    return 1.0 - _masked_mean(cc, mask)
+    denom = var_w * var_t + _EPS
+    return cov * cov / denom, cov, denom, mean_w
+
+
+class _LocalNCC(torch.autograd.Function):
+    """Local NCC loss with a hand-written backward pass.
+
+    Why: autograd through the moment images keeps ~15 full-size intermediates and runs as many
+    elementwise kernels; the closed-form gradient needs one box filter of three moment images
+    forward and one backward (about 3x faster on a 2-core CPU, and far less memory).
+
+    With ``m = B I``, ``s_II = B I^2``, ``s_IJ = B (I J)`` (B the box filter), ``cov = s_IJ - m mu_J``,
+    ``var_I = s_II - m^2``, ``D = var_I var_J + eps`` and ``cc = cov^2 / D``::
+
+        dcc/ds_IJ = 2 cov / D,   dcc/ds_II = -cov^2 var_J / D^2,
+        dcc/dm = -mu_J dcc/ds_IJ - 2 m dcc/ds_II,
+        dL/dI = B^T g_m + 2 I B^T g_II + J B^T g_IJ.
+    """
+
+    @staticmethod
+    def forward(ctx, warped, target, mean_t, var_t, window):
+        cc, cov, denom, mean_w = _local_cc2(warped, target, mean_t, var_t, window)
+        ctx.save_for_backward(warped, target, mean_t, var_t, cov, denom, mean_w)
+        ctx.window = window
+        return 1.0 - cc.mean()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        warped, target, mean_t, var_t, cov, denom, mean_w = ctx.saved_tensors
+        scale = -grad_output / cov.numel()
+        g_wt = scale * 2.0 * cov / denom
+        g_ww = -scale * cov * cov * var_t / (denom * denom)
+        g_w = -mean_t * g_wt - 2.0 * mean_w * g_ww
+        c = warped.shape[1]
+        back = box_filter(torch.cat([g_w, g_ww, g_wt], dim=1), ctx.window, transpose=True)
+        grad = back[:, :c] + 2.0 * warped * back[:, c : 2 * c] + target * back[:, 2 * c :]
+        return grad, None, None, None, None
 
 
 def local_stats(image: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,10 +162,44 @@ def gradient_regulariser(displacement: torch.Tensor, scale: torch.Tensor) -> tor
     Returns
     -------
     Tensor, ()
-        Sum over axes and components of the mean squared derivative.
+        Sum over axes and components of the mean (over voxels) squared derivative.
     """
-    total = displacement.new_zeros(())
-    for axis, dim in enumerate((4, 3, 2)):  # x, y, z grid axes are the last, middle, first dims
-        diff = torch.diff(displacement, dim=dim)
-        total = total + ((diff * scale[axis].view(1, 3, 1, 1, 1)) ** 2).mean() * 3
-    return total
+    return _GradientRegulariser.apply(displacement, scale.to(displacement))
+
+
+_AXIS_DIMS = (4, 3, 2)  # grid axes x, y, z are the last, middle and first spatial dims
+
+
+class _GradientRegulariser(torch.autograd.Function):
+    """|grad u|^2 with a closed-form backward pass (a weighted discrete Laplacian).
+
+    Why: autograd keeps the three difference images and runs ~10 elementwise kernels on them;
+    the adjoint of a forward difference is a backward difference, so the gradient is
+    ``-2 w (D^T D u)`` computed straight from ``u`` (about 3x faster on a CPU).
+    """
+
+    @staticmethod
+    def forward(ctx, displacement, scale):
+        ctx.save_for_backward(displacement, scale)
+        total = displacement.new_zeros(())
+        for axis, dim in enumerate(_AXIS_DIMS):
+            diff = torch.diff(displacement, dim=dim)
+            weights = (scale[axis] ** 2).view(1, 3, 1, 1, 1) * (3.0 / max(diff.numel(), 1))
+            total = total + (diff * diff * weights).sum()
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        displacement, scale = ctx.saved_tensors
+        grad = torch.zeros_like(displacement)
+        for axis, dim in enumerate(_AXIS_DIMS):
+            n = displacement.shape[dim]
+            if n < 2:
+                continue
+            diff = torch.diff(displacement, dim=dim)
+            numel = diff.numel()
+            diff = diff * ((scale[axis] ** 2).view(1, 3, 1, 1, 1) * (6.0 / numel))
+            # d/du of sum(w * (u[i+1] - u[i])^2) = 2w (d[i-1] - d[i]) with d[-1] = d[n-1] = 0
+            grad.narrow(dim, 1, n - 1).add_(diff)
+            grad.narrow(dim, 0, n - 1).sub_(diff)
+        return grad * grad_output, None

@@ -1,0 +1,177 @@
+"""`combireg run` end to end on data_samples/, and every bad input: one line, exit 2, nothing written."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from combireg import io
+from combireg.cli.main import main
+from tests.conftest import ROOT
+
+CASE = ROOT / "data_samples" / "case0000"
+SRC = f"{CASE}/source_t1.nii.gz,{CASE}/source_t2.nii.gz"
+TGT = f"{CASE}/target_t1.nii.gz,{CASE}/target_t2.nii.gz"
+
+FAST_PARAMS = """// a tiny run for tests
+(NumberOfResolutions 2)
+(ImagePyramidSchedule 4 4 4 2 2 2)
+(MaximumNumberOfIterations 40 10)
+(LearningRate 0.01)
+"""
+
+
+@pytest.fixture
+def fast_params(tmp_path):
+    path = tmp_path / "fast.txt"
+    path.write_text(FAST_PARAMS)
+    return str(path)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_run_end_to_end_on_data_samples(tmp_path, fast_params):
+    out = tmp_path / "out"
+    res = invoke("run", SRC, TGT, "-o", out, "-p", fast_params, "-q")
+    assert res.exit_code == 0, res.output
+    assert f"results in {out}" in res.output
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["field.nii.gz", "field_inverse.nii.gz", "params.txt", "report.json",
+                     "warped_0.nii.gz", "warped_1.nii.gz"]
+    field, geometry = io.read_displacement(out / "field.nii.gz")
+    target = io.read_image(CASE / "target_t1.nii.gz")
+    source = io.read_image(CASE / "source_t1.nii.gz")
+    assert geometry.same_grid(target.geometry)
+    _, inv_geometry = io.read_displacement(out / "field_inverse.nii.gz")
+    assert inv_geometry.same_grid(source.geometry)
+    report = json.loads((out / "report.json").read_text())
+    assert [lvl["iterations"] for lvl in report["levels"]] == [40, 10]
+    assert report["jacobian"]["percent_nonpositive"] < 0.1
+    # the registration moved things (rigid misalignment + mass effect) and improved the match
+    assert report["displacement_mm"]["mean"] > 1.0
+    warped = io.read_image(out / "warped_0.nii.gz").numpy()[0]
+    t = target.numpy()[0]
+    s_resampled = io.read_image(CASE / "source_t1.nii.gz").numpy()[0]
+    assert np.mean((warped - t) ** 2) < 0.7 * np.mean((s_resampled - t) ** 2)
+    # rerun into the same directory needs --overwrite
+    again = invoke("run", SRC, TGT, "-o", out, "-p", fast_params, "-q")
+    assert again.exit_code == 2 and "not empty" in again.output
+
+
+def test_params_file_of_a_run_reproduces_it(tmp_path, fast_params):
+    a = invoke("run", SRC, TGT, "-o", tmp_path / "a", "-p", fast_params, "-q")
+    b = invoke("run", SRC, TGT, "-o", tmp_path / "b", "-p", tmp_path / "a" / "params.txt", "-q")
+    assert a.exit_code == 0 and b.exit_code == 0
+    fa, _ = io.read_displacement(tmp_path / "a" / "field.nii.gz")
+    fb, _ = io.read_displacement(tmp_path / "b" / "field.nii.gz")
+    np.testing.assert_array_equal(fa, fb)
+
+
+def _write(path, array, geometry):
+    io.write_image(path, array, geometry)
+    return str(path)
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    """Small images that trip each input check."""
+    from combireg import Geometry
+
+    g = Geometry((12, 10, 8), spacing=(2.0, 2.0, 2.5))
+    rng = np.random.default_rng(0)
+    ok = _write(tmp_path / "ok.nii.gz", rng.random(g.shape), g)
+    ok2 = _write(tmp_path / "ok2.nii.gz", rng.random(g.shape), g)
+    other = g.shrink((2, 2, 2))
+    d = {
+        "ok": ok,
+        "ok2": ok2,
+        "other_grid": _write(tmp_path / "other.nii.gz", rng.random(other.shape), other),
+        "constant": _write(tmp_path / "const.nii.gz", np.full(g.shape, 3.0), g),
+        "nan": _write(tmp_path / "nan.mha", np.where(rng.random(g.shape) > 0.99, np.nan, 1.0), g),
+    }
+    import itk
+
+    itk.imwrite(itk.image_from_array(np.ones((9, 9), np.float32)), str(tmp_path / "flat.nii.gz"))
+    d["flat"] = str(tmp_path / "flat.nii.gz")
+    (tmp_path / "garbage.nii.gz").write_bytes(b"\x00garbage")
+    d["garbage"] = str(tmp_path / "garbage.nii.gz")
+    bad_params = tmp_path / "bad.txt"
+    bad_params.write_text("(Metric \"MSE\")\n(LearningRat 0.1)\n")
+    d["bad_params"] = str(bad_params)
+    return d
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no such file"),
+    ("garbage", "cannot read"),
+    ("flat", "3-D"),
+    ("channels", "same count"),
+    ("grids", "another grid"),
+    ("nan", "NaN/Inf"),
+    ("constant", "constant"),
+    ("params", "bad.txt:2: unknown key 'LearningRat'"),
+    ("memory", "GiB but only"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, bad_inputs, case, message):
+    d = bad_inputs
+    src, tgt, extra = d["ok"], d["ok2"], []
+    if case == "missing":
+        src = str(tmp_path / "nope.nii.gz")
+    elif case == "garbage":
+        src = d["garbage"]
+    elif case == "flat":
+        tgt = d["flat"]
+    elif case == "channels":
+        src = f"{d['ok']},{d['ok2']}"
+    elif case == "grids":
+        tgt = f"{d['ok']},{d['other_grid']}"
+        src = f"{d['ok2']},{d['ok']}"
+    elif case == "nan":
+        src = d["nan"]
+    elif case == "constant":
+        tgt = d["constant"]
+    elif case == "params":
+        extra = ["-p", d["bad_params"]]
+    elif case == "memory":
+        extra = ["--max-memory", "0.0001"]
+    out = tmp_path / "result" / "out"
+    res = invoke("run", src, tgt, "-o", out, "-q", *extra)
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("combireg: error: ") and message in lines[0], res.output
+    assert not (tmp_path / "result").exists()
+
+
+def test_output_dir_not_empty_and_not_writable(tmp_path, bad_inputs):
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    res = invoke("run", bad_inputs["ok"], bad_inputs["ok2"], "-o", out, "-q")
+    assert res.exit_code == 2 and "not empty (use --overwrite)" in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    res = invoke("run", bad_inputs["ok"], bad_inputs["ok2"], "-o", "/proc/combireg-test-out", "-q")
+    assert res.exit_code == 2 and "not writable" in res.output
+
+
+def test_interrupt_leaves_nothing(tmp_path, bad_inputs, monkeypatch):
+    import combireg.io as cio
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cio, "write_image", boom)
+    out = tmp_path / "o"
+    res = CliRunner().invoke(main, ["run", bad_inputs["ok"], bad_inputs["ok2"], "-o", str(out), "-q", "-p",
+                                    str(ROOT / "params" / "paper_io.txt")])
+    assert res.exit_code == 130
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_params_commands():
+    res = invoke("params", "check", ROOT / "params" / "default.txt")
+    assert res.exit_code == 0 and "OK" in res.output
+    res = invoke("params", "defaults")
+    assert res.exit_code == 0 and "(Metric \"MSE\" \"NCC\")" in res.output
