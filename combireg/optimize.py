@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CombiregError
-from .filters import gaussian_blur
+from .filters import smooth_and_resize
 from .geometry import Geometry
 from .image import Image
 from .losses import gradient_regulariser, local_stats, weighted_similarity
@@ -95,11 +95,9 @@ def normalise_intensities(image: Image, percentiles: tuple[float, float], *, rol
 def level_image(data: torch.Tensor, factors_xyz, shape_zyx) -> torch.Tensor:
     """Smooth (sigma = factor / 2 voxels, as elastix's pyramids) and resize to a level's shape."""
     sigma_zyx = [0.5 * f if f > 1 else 0.0 for f in reversed(factors_xyz)]
-    if any(s > 0 for s in sigma_zyx):
-        data = gaussian_blur(data, sigma_zyx)
-    if tuple(data.shape[2:]) != tuple(shape_zyx):
-        data = F.interpolate(data, size=tuple(shape_zyx), mode="trilinear", align_corners=True)
-    return data
+    if tuple(data.shape[2:]) == tuple(shape_zyx) and not any(sigma_zyx):
+        return data
+    return smooth_and_resize(data, sigma_zyx, shape_zyx)
 
 
 def _ic_residual(first: torch.Tensor, second: torch.Tensor, grid: torch.Tensor, half_extent: torch.Tensor) -> torch.Tensor:

@@ -83,3 +83,12 @@ def test_gradient_regulariser_matches_autograd_reference():
     (g_val,) = torch.autograd.grad(value, u)
     assert float(value) == pytest.approx(float(ref), rel=1e-12)
     np.testing.assert_allclose(g_val.numpy(), g_ref.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_smooth_and_resize_equals_blur_then_interpolate():
+    from combireg.filters import smooth_and_resize
+
+    x = torch.rand(1, 2, 17, 20, 23, generator=torch.Generator().manual_seed(5))
+    sigma = (1.0, 2.0, 0.5)
+    ref = F.interpolate(gaussian_blur(x, sigma), size=(9, 7, 12), mode="trilinear", align_corners=True)
+    np.testing.assert_allclose(smooth_and_resize(x, sigma, (9, 7, 12)).numpy(), ref.numpy(), atol=1e-5)

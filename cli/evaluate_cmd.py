@@ -1,0 +1,82 @@
+"""``combireg evaluate MANIFEST --method NAME=SPEC ... -o DIR``: the paper's protocol on a dataset."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from combireg.landmarks import LANDMARK_SPACES
+
+from .tre_cmd import SPACE_HELP
+
+METHOD_HELP = "Method to run, repeatable (SPEC grammar above)."
+
+
+@click.command("evaluate")
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("-m", "--method", "methods", multiple=True, required=True, metavar="NAME=SPEC", help=METHOD_HELP)
+@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False),
+              help="Output directory; a directory holding a results.csv is resumed (finished cells are skipped).")
+@click.option("--compare", "compare", multiple=True, metavar="A:B",
+              help="Paired t-test of method A against B on per-case mean TRE, repeatable "
+                   "(default: every method against the first).")
+@click.option("--landmark-space", type=click.Choice(LANDMARK_SPACES, case_sensitive=False), default=None,
+              help=SPACE_HELP)
+@click.option("--device", default="cpu", show_default=True, help="torch device: cpu or cuda.")
+@click.option("--overwrite", is_flag=True, help="Start afresh: ignore and replace a previous results.csv.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def evaluate(manifest: str, methods: tuple, output: str, compare: tuple, landmark_space: str | None, device: str,
+             overwrite: bool, quiet: bool) -> None:
+    """Run every method on every case of MANIFEST and report TRE like the paper's tables.
+
+    MANIFEST is a CSV with the header id,source,target,target_landmarks,source_landmarks
+    (channels comma-joined and CSV-quoted, paths relative to the manifest). Each case x method
+    is registered and saved under DIR/cases/<case>/<method>/ (with tre.csv/tre.json).
+    DIR gets results.csv (one row per cell: TRE statistics, time, peak memory, % folding),
+    summary.md (mean ± std and median TRE per method, paired t-tests with 95% CI),
+    ttests.csv and tre_boxplot.png. A failing case is recorded as failed and the rest go on.
+
+    \b
+    SPEC is a comma-separated list of KEY:VALUE items:
+      params:FILE     elastix-syntax parameter file (default: built-in defaults)
+      init:FIELD      initial forward field; {case} is replaced by the case id
+      baseline:NAME   reserved (not available yet)
+      drn:MODEL       reserved (not available yet)
+    A bare FILE means params:FILE. Relative paths are relative to the current folder.
+
+    \b
+    Examples:
+      --method mse=params/mse.txt --method ncc=params/ncc.txt --compare ncc:mse
+      --method warm=params/default.txt,init:out0/cases/{case}/mse/field.nii.gz
+    """
+    from tqdm import tqdm
+
+    from combireg.evaluate import parse_method, read_manifest, run_evaluation
+
+    specs = [parse_method(m) for m in methods]  # user errors before the bar appears
+    total = len(read_manifest(manifest)) * len(specs)
+    bar = tqdm(total=total, unit="cell", disable=quiet, dynamic_ncols=True)
+
+    def progress(event: dict) -> None:
+        if event["event"] == "start":
+            bar.set_description(f"{event['case']} / {event['method']}")
+        else:
+            bar.update(1)
+            bar.set_postfix(last=event["status"], refresh=False)
+
+    try:
+        ev = run_evaluation(manifest, specs, output, compare=compare, device=device, landmark_space=landmark_space,
+                            overwrite=overwrite, progress=progress)
+    except KeyboardInterrupt:
+        bar.close()
+        click.echo("combireg: interrupted; finished cells are in results.csv (rerun the command to resume)",
+                   err=True)
+        sys.exit(130)
+    finally:
+        bar.close()
+    click.echo(ev.summary_path.read_text().split("\n## Failed cells")[0].rstrip())
+    click.echo("")
+    click.echo(f"{ev.ran} cell(s) run, {ev.skipped} skipped (already finished), {len(ev.failed)} failed")
+    for case_id, method, error in ev.failed:
+        click.echo(f"  failed: {case_id} / {method}: {error}", err=True)
+    click.echo(f"results in {ev.outdir}")

@@ -1,0 +1,256 @@
+"""combireg.evaluate and `combireg evaluate`: manifests, method specs, statistics, end to end."""
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from scipy import stats
+
+from combireg.cli.main import main
+from combireg.errors import CombiregError
+from combireg.evaluate import (
+    SPEC_KEYS,
+    paired_t_test,
+    parse_comparisons,
+    parse_method,
+    read_manifest,
+    read_results,
+)
+from tests.conftest import ROOT
+
+SAMPLES = ROOT / "data_samples"
+TINY = "(NumberOfResolutions 1)\n(ImagePyramidSchedule 4 4 4)\n(MaximumNumberOfIterations 5)\n"
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _params(folder, name, extra=""):
+    path = folder / name
+    path.write_text(TINY + extra)
+    return path
+
+
+def _csv_rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# ------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("evaluate")
+    mse = _params(folder, "mse.txt", '(Metric "MSE")\n')
+    mixed = _params(folder, "mixed.txt", '(Metric "MSE" "NCC")\n(NCCWindowSize 5)\n')
+    out = folder / "out"
+    methods = ["--method", f"mse={mse}", "--method", f"mixed=params:{mixed}"]
+    res = invoke("evaluate", SAMPLES / "manifest.csv", *methods, "--compare", "mixed:mse", "-o", out, "-q")
+    return out, res, methods
+
+
+def test_evaluate_end_to_end_on_data_samples(evaluated):
+    out, res, _ = evaluated
+    assert res.exit_code == 0, res.output
+    assert "4 cell(s) run, 0 skipped" in res.output and "| mixed | mse | 2 |" in res.output
+    rows = _csv_rows(out / "results.csv")
+    assert [(r["case"], r["method"], r["status"]) for r in rows] == [
+        ("case0000", "mse", "ok"), ("case0000", "mixed", "ok"), ("case0001", "mse", "ok"), ("case0001", "mixed", "ok")]
+    for row in rows:
+        case = json.loads((SAMPLES / row["case"] / "case.json").read_text())
+        assert float(row["initial_mean"]) == pytest.approx(case["landmarks"]["initial_distance_mm"]["mean"], rel=1e-4)
+        assert int(float(row["n_landmarks"])) == case["landmarks"]["total"]
+        for key in ("tre_mean", "tre_median", "tre_p95", "tre_max", "robustness", "time_s", "peak_memory_mb",
+                    "folding_percent"):
+            assert math.isfinite(float(row[key])), key
+        cell = out / row["outdir"]
+        assert {"field.nii.gz", "field_inverse.nii.gz", "report.json", "tre.csv", "tre.json"} <= \
+            {p.name for p in cell.iterdir()}
+        assert json.loads((cell / "report.json").read_text())["tre"]["statistics"]["mean"] == \
+            pytest.approx(float(row["tre_mean"]), rel=1e-5)
+    summary = (out / "summary.md").read_text()
+    assert "| Method | Cases | TRE mean ± std (mm) | TRE median (mm)" in summary
+    for name in ("initial (identity)", "mse", "mixed"):
+        assert f"| {name} | 2/2 |" in summary
+    assert "## Paired t-tests" in summary and "| mixed | mse | 2 |" in summary
+    assert (out / "tre_boxplot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paired_test_matches_scipy_on_the_results(evaluated):
+    out, _, _ = evaluated
+    rows = read_results(out / "results.csv")
+    a = [rows[(c, "mixed")]["tre_mean"] for c in ("case0000", "case0001")]
+    b = [rows[(c, "mse")]["tre_mean"] for c in ("case0000", "case0001")]
+    (test,) = _csv_rows(out / "ttests.csv")
+    assert (test["a"], test["b"], test["n"]) == ("mixed", "mse", "2")
+    assert float(test["p_value"]) == pytest.approx(stats.ttest_rel(a, b).pvalue, rel=1e-4)
+    d = np.subtract(a, b)
+    assert float(test["mean_difference"]) == pytest.approx(d.mean(), rel=1e-4)
+    assert float(test["ci_low"]) < d.mean() < float(test["ci_high"])
+
+
+def test_tre_command_reproduces_a_results_row(evaluated, tmp_path):
+    out, _, _ = evaluated
+    row = read_results(out / "results.csv")[("case0001", "mixed")]
+    res = invoke("tre", out / row["outdir"] / "field.nii.gz", SAMPLES / "case0001/target_landmarks.fcsv",
+                 SAMPLES / "case0001/source_landmarks.fcsv", "--json", tmp_path / "t.json", "-q")
+    assert res.exit_code == 0, res.output
+    stats_ = json.loads((tmp_path / "t.json").read_text())["statistics"]
+    assert stats_["mean"] == pytest.approx(row["tre_mean"], rel=1e-5)
+    assert stats_["robustness"] == pytest.approx(row["robustness"], rel=1e-5)
+
+
+def test_rerun_skips_finished_cells_and_refuses_a_changed_spec(evaluated):
+    out, _, methods = evaluated
+    before = (out / "results.csv").read_text()
+    res = invoke("evaluate", SAMPLES / "manifest.csv", *methods, "-o", out, "-q")
+    assert res.exit_code == 0, res.output
+    assert "0 cell(s) run, 4 skipped" in res.output
+    assert (out / "results.csv").read_text() == before
+    other = CliRunner().invoke(main, ["evaluate", str(SAMPLES / "manifest.csv"), "--method",
+                                      f"mse={methods[3].split(':', 1)[1]}", "-o", str(out)])
+    assert other.exit_code == 2 and "finished earlier as" in other.output
+    assert (out / "results.csv").read_text() == before
+
+
+def test_a_case_with_a_missing_file_fails_and_the_rest_run(tmp_path):
+    params = _params(tmp_path, "tiny.txt")
+    c0, c1 = SAMPLES / "case0000", SAMPLES / "case0001"
+
+    def manifest(second_target):
+        text = "id,source,target,target_landmarks,source_landmarks\n"
+        for cid, case, tgt in (("good", c0, c0 / "target_t1.nii.gz"), ("broken", c1, second_target)):
+            text += (f'{cid},"{case}/source_t1.nii.gz,{case}/source_t2.nii.gz","{tgt},{case}/target_t2.nii.gz",'
+                     f"{case}/target_landmarks.fcsv,{case}/source_landmarks.fcsv\n")
+        (tmp_path / "manifest.csv").write_text(text)
+
+    manifest(tmp_path / "nowhere" / "target_t1.nii.gz")
+    out = tmp_path / "out"
+    res = invoke("evaluate", tmp_path / "manifest.csv", "--method", f"tiny={params}", "-o", out, "-q")
+    assert res.exit_code == 0, res.output
+    rows = read_results(out / "results.csv")
+    assert rows[("good", "tiny")]["status"] == "ok"
+    assert rows[("broken", "tiny")]["status"] == "failed"
+    assert "missing file" in rows[("broken", "tiny")]["error"] and "nowhere" in rows[("broken", "tiny")]["error"]
+    assert "1 failed" in res.output and "broken / tiny" in (out / "summary.md").read_text()
+    assert "| tiny | 1/2 |" in (out / "summary.md").read_text()
+    assert not (out / "cases" / "broken").exists()
+    # fixed: the rerun runs only the failed cell
+    manifest(c1 / "target_t1.nii.gz")
+    res = invoke("evaluate", tmp_path / "manifest.csv", "--method", f"tiny={params}", "-o", out, "-q")
+    assert "1 cell(s) run, 1 skipped" in res.output
+    rows = read_results(out / "results.csv")
+    assert rows[("broken", "tiny")]["status"] == "ok"
+    assert len(_csv_rows(out / "results.csv")) == 2  # compacted: one row per cell
+
+
+# ------------------------------------------------------------------------------ specs
+def test_method_spec_grammar(tmp_path):
+    params = _params(tmp_path, "p.txt")
+    plain = parse_method(f"a={params}")
+    assert (plain.name, plain.params, plain.init) == ("a", params, None)
+    assert plain.settings.iterations == (5,)
+    full = parse_method(f"b=params:{params},init:runs/{{case}}/a/field.nii.gz")
+    assert full.params == params and str(full.init_for("case7")) == "runs/case7/a/field.nii.gz"
+    bare_init = parse_method(f"c={params},init:f.nii.gz")
+    assert bare_init.init == "f.nii.gz"
+    defaults = parse_method("d=init:f.nii.gz")
+    assert defaults.params is None and defaults.settings.source == "<defaults>"
+    assert {"params", "init", "baseline", "drn"} <= set(SPEC_KEYS)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("noequals", "expected NAME=SPEC"),
+    ("=p.txt", "expected NAME=SPEC"),
+    ("a/b=PARAMS", "NAME must be"),
+    ("a=baseline:elastix", "not available yet"),
+    ("a=drn:model.pt", "not available yet"),
+    ("a=PARAMS,foo:bar", "unknown item"),
+    ("a=PARAMS,,init:x", "empty item"),
+    ("a=params:PARAMS,params:PARAMS", "given twice"),
+    ("a=init:", "needs a value"),
+    ("a=missing.txt", "no such file"),
+    ("a=BADPARAMS", "Bogus"),
+])
+def test_method_spec_errors(tmp_path, spec, message):
+    params = _params(tmp_path, "p.txt")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("(Bogus 1)\n")
+    spec = spec.replace("BADPARAMS", str(bad)).replace("PARAMS", str(params))
+    with pytest.raises(CombiregError, match=message):
+        parse_method(spec)
+
+
+def test_comparisons(tmp_path):
+    params = _params(tmp_path, "p.txt")
+    methods = [parse_method(f"{n}={params}") for n in ("a", "b", "c")]
+    assert parse_comparisons([], methods) == [("a", "b"), ("a", "c")]
+    assert parse_comparisons(["c:b"], methods) == [("c", "b")]
+    for bad, message in (("a", "expected A:B"), ("a:z", "unknown method 'z'"), ("a:a", "two different")):
+        with pytest.raises(CombiregError, match=message):
+            parse_comparisons([bad], methods)
+
+
+def test_paired_t_test_numbers():
+    a, b = np.array([3.0, 4.5, 2.0, 5.0]), np.array([2.5, 4.0, 2.2, 4.1])
+    res = paired_t_test(a, b)
+    d = a - b
+    half = stats.t.ppf(0.975, 3) * d.std(ddof=1) / 2.0
+    assert res["mean_difference"] == pytest.approx(d.mean())
+    assert (res["ci_low"], res["ci_high"]) == pytest.approx((d.mean() - half, d.mean() + half))
+    assert res["p_value"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert math.isnan(paired_t_test([1.0], [2.0])["p_value"])
+    same = paired_t_test([1.0, 2.0], [1.0, 2.0])
+    assert math.isnan(same["p_value"]) and same["ci_low"] == same["ci_high"] == 0.0
+
+
+# ------------------------------------------------------------------------------ manifests
+def test_manifest_paths_are_relative_to_the_manifest():
+    cases = read_manifest(SAMPLES / "manifest.csv")
+    assert [c.id for c in cases] == ["case0000", "case0001"]
+    assert cases[0].source == (SAMPLES / "case0000/source_t1.nii.gz", SAMPLES / "case0000/source_t2.nii.gz")
+    assert not cases[1].missing_files()
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "lacks column"),
+    ("id,source,target\nx,a,b\n", r"lacks column\(s\) target_landmarks, source_landmarks"),
+    ("id,source,target,target_landmarks,source_landmarks\n", "no cases"),
+    ("id,source,target,target_landmarks,source_landmarks\na,s,t,,l\n", "empty field"),
+    ("id,source,target,target_landmarks,source_landmarks\na,s,t,l,l\na,s,t,l,l\n", "duplicate case id"),
+    ("id,source,target,target_landmarks,source_landmarks\n../x,s,t,l,l\n", "case id"),
+])
+def test_bad_manifests(tmp_path, text, message):
+    (tmp_path / "m.csv").write_text(text)
+    with pytest.raises(CombiregError, match=message):
+        read_manifest(tmp_path / "m.csv")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["MISSING", "--method", "a=PARAMS"], "no such manifest"),
+    (["MANIFEST", "--method", "a=PARAMS", "--compare", "a:b"], "unknown method 'b'"),
+    (["MANIFEST", "--method", "a=PARAMS", "--method", "a=PARAMS"], "given twice"),
+    (["MANIFEST", "--method", "a=baseline:ants"], "not available yet"),
+    (["MANIFEST", "--method", "a=PARAMS", "--landmark-space", "voxel"], "voxel"),
+])
+def test_evaluate_command_errors_write_nothing(tmp_path, args, message):
+    params = _params(tmp_path, "p.txt")
+    args = [str(SAMPLES / "manifest.csv") if a == "MANIFEST" else str(tmp_path / "missing.csv") if a == "MISSING"
+            else a.replace("PARAMS", str(params)) for a in args]
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["evaluate", *args, "-o", str(out)])
+    assert res.exit_code == 2 and message in res.output
+    assert not out.exists()
+
+
+def test_evaluate_refuses_a_foreign_non_empty_folder(tmp_path):
+    params = _params(tmp_path, "p.txt")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("x")
+    res = CliRunner().invoke(main, ["evaluate", str(SAMPLES / "manifest.csv"), "--method", f"a={params}",
+                                    "-o", str(out)])
+    assert res.exit_code == 2 and "holds no results.csv" in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
