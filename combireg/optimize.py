@@ -11,6 +11,7 @@ Loss per pyramid level (the paper's Eq. 1, plus an optional inverse-consistency 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -100,6 +101,22 @@ def level_image(data: torch.Tensor, factors_xyz, shape_zyx) -> torch.Tensor:
     return smooth_and_resize(data, sigma_zyx, shape_zyx)
 
 
+#: Below this many voxels a level runs on one thread: torch's intra-op threads cost more than
+#: they save on small tensors, and on a busy machine their spin-waiting made a 30^3 test
+#: volume 10x slower (measured on 2 cores with another process running).
+SINGLE_THREAD_VOXELS = 200_000
+
+
+@contextlib.contextmanager
+def _threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _ic_residual(first: torch.Tensor, second: torch.Tensor, grid: torch.Tensor, half_extent: torch.Tensor) -> torch.Tensor:
     """Mean squared |first + second o (id + first)| in mm (zero for exact inverses)."""
     residual = first + warp_normalised(second, first, grid)
@@ -143,8 +160,10 @@ def optimise_fields(source: torch.Tensor, target: torch.Tensor, geometry: Geomet
         forward = zeros.clone() if forward is None else upsample_normalised(forward.detach(), shape).clone()
         if settings.bidirectional:
             backward = zeros.clone() if backward is None else upsample_normalised(backward.detach(), shape).clone()
-        report = _optimise_level(src, tgt, forward, backward if settings.bidirectional else None,
-                                 level_geometry, settings, level, callback)
+        threads = 1 if level_geometry.num_voxels < SINGLE_THREAD_VOXELS else torch.get_num_threads()
+        with _threads(threads):
+            report = _optimise_level(src, tgt, forward, backward if settings.bidirectional else None,
+                                     level_geometry, settings, level, callback)
         levels.append(report)
         log.info("level %d %s: %d iterations in %.1f s, loss %.5f", level, shape, report.iterations,
                  report.seconds, report.loss)

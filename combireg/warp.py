@@ -129,7 +129,7 @@ def resample_field(displacement_lps_mm: np.ndarray, field_geometry: Geometry, ge
     return _sample(data, grid, "bilinear", "border").permute(1, 2, 3, 0).numpy()
 
 
-def invert_normalised(displacement: torch.Tensor, *, iterations: int = 30,
+def invert_normalised(displacement: torch.Tensor, *, iterations: int = 15,
                       init: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of a normalised displacement on the same grid, by fixed-point iteration.
 

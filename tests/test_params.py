@@ -179,26 +179,26 @@ def test_fallback_full_list_is_kept():
 def test_defaults_follow_number_of_levels():
     one = _settings("(NumberOfResolutions 1)")
     assert one.iterations == (150,)
-    assert one.pyramid_schedule == ((1, 1, 1),)
-    three = _settings("(NumberOfResolutions 3)")
-    assert three.iterations == (150, 60, 150)
-    assert three.pyramid_schedule == ((4, 4, 4), (2, 2, 2), (1, 1, 1))
-    assert three.ncc_window == (7, 7, 7)
+    assert one.pyramid_schedule == ((2, 2, 2),)
+    four = _settings("(NumberOfResolutions 4)")
+    assert four.iterations == (150, 80, 20, 150)
+    assert four.pyramid_schedule == ((16, 16, 16), (8, 8, 8), (4, 4, 4), (2, 2, 2))
+    assert four.ncc_window == (5, 5, 7, 5)
 
 
 def test_default_settings_values():
     s = default_settings()
     assert s.metrics == ("MSE", "NCC")
     assert s.metric_weights == (0.5, 0.5)
-    assert s.ncc_window == (7, 7)
-    assert s.regularization_weight == (1.0, 1.0)
-    assert s.num_levels == 2
-    assert s.pyramid_schedule == ((2, 2, 2), (1, 1, 1))
-    assert s.iterations == (150, 60)
-    assert s.learning_rate == (0.01, 0.01)
+    assert s.ncc_window == (5, 5, 7)
+    assert s.regularization_weight == (0.3, 0.3, 0.3)
+    assert s.num_levels == 3
+    assert s.pyramid_schedule == ((8, 8, 8), (4, 4, 4), (2, 2, 2))
+    assert s.iterations == (150, 80, 20)
+    assert s.learning_rate == (0.02, 0.01, 0.005)
     assert s.optimizer == "Adam"
-    assert s.bidirectional is True
-    assert s.inverse_consistency_weight == 0.1
+    assert s.bidirectional is False
+    assert s.inverse_consistency_weight == 0.0
     assert s.seed == 0
     assert s.normalization_percentiles == (0.5, 99.5)
     assert s.num_threads == 0
@@ -287,17 +287,17 @@ def test_value_errors(text, message):
         ("(NumberOfResolutions 2)\n(MaximumNumberOfIterations 1 2 3)",
          "p.txt:2: MaximumNumberOfIterations expects 1 to 2 values (one per resolution; "
          "NumberOfResolutions is 2 (line 1)), got 3"),
-        ("(LearningRate 0.1 0.1 0.1)",
-         "p.txt:1: LearningRate expects 1 to 2 values (one per resolution; "
-         "NumberOfResolutions is 2), got 3"),
+        ("(LearningRate 0.1 0.1 0.1 0.1)",
+         "p.txt:1: LearningRate expects 1 to 3 values (one per resolution; "
+         "NumberOfResolutions is 3), got 4"),
         ("(NumberOfResolutions 1)\n(ImagePyramidSchedule 2 2 2 1 1 1)",
          "p.txt:2: ImagePyramidSchedule expects 3 values (x y z for each of 1 resolution; "
          "NumberOfResolutions is 1 (line 1)), got 6"),
         ("(ImagePyramidSchedule 4 4 4)",
-         "p.txt:1: ImagePyramidSchedule expects 6 values (x y z for each of 2 resolutions; "
-         "NumberOfResolutions is 2), got 3"),
-        ("(ImagePyramidSchedule 2 2 2 1 4 1)",
-         "p.txt:1: ImagePyramidSchedule: level 1 factors 1 4 1 are larger than level 0 factors "
+         "p.txt:1: ImagePyramidSchedule expects 9 values (x y z for each of 3 resolutions; "
+         "NumberOfResolutions is 3), got 3"),
+        ("(ImagePyramidSchedule 4 4 4 2 2 2 1 4 1)",
+         "p.txt:1: ImagePyramidSchedule: level 2 factors 1 4 1 are larger than level 1 factors "
          "2 2 2 (levels go coarse to fine; factors must not increase)"),
         ("(ImagePyramidSchedule 2 2 2 1 0 1)",
          "p.txt:1: ImagePyramidSchedule expects an integer >= 1, got '0' (value 5)"),
@@ -444,8 +444,8 @@ def test_default_parameter_map_lists_every_key():
         "LearningRate", "Optimizer", "Bidirectional", "InverseConsistencyWeight", "Seed",
         "NormalizationPercentiles", "NumberOfThreads",
     ]
-    assert pm["ImagePyramidSchedule"] == ("2", "2", "2", "1", "1", "1")
-    assert pm["Bidirectional"] == ("true",)
+    assert pm["ImagePyramidSchedule"] == ("8", "8", "8", "4", "4", "4", "2", "2", "2")
+    assert pm["Bidirectional"] == ("false",)
 
 
 def test_default_parameter_text_parses_to_defaults():
@@ -463,17 +463,17 @@ def test_default_parameter_text_parses_to_defaults():
 
 def test_replace_validates_and_applies_fallback():
     s = default_settings().replace(iterations=(5,), seed=9)
-    assert s.iterations == (5, 5) and s.seed == 9 and s.source == "<defaults>"
+    assert s.iterations == (5, 5, 5) and s.seed == 9 and s.source == "<defaults>"
     with pytest.raises(CombiregError, match=r"^Settings\.replace: LearningRate expects a number > 0"):
         default_settings().replace(learning_rate=(-1.0,))
 
 
 def test_replace_refits_levels_and_weights():
-    s = default_settings().replace(num_levels=3)
-    assert s.pyramid_schedule == ((4, 4, 4), (2, 2, 2), (1, 1, 1))
-    assert s.iterations == (150, 60, 150)
+    s = default_settings().replace(num_levels=4)
+    assert s.pyramid_schedule == ((16, 16, 16), (8, 8, 8), (4, 4, 4), (2, 2, 2))
+    assert s.iterations == (150, 80, 20, 150)
     one = default_settings().replace(num_levels=1, iterations=(30,))
-    assert one.iterations == (30,) and one.ncc_window == (7,) and one.pyramid_schedule == ((1, 1, 1),)
+    assert one.iterations == (30,) and one.ncc_window == (5,) and one.pyramid_schedule == ((2, 2, 2),)
     assert default_settings().replace(metrics=("NCC",)).metric_weights == (1.0,)
 
 
@@ -543,7 +543,7 @@ def test_cli_check_default_preset(cli):
     result = _invoke(cli, "params", "check", path)
     assert result.exit_code == 0, result.output
     assert result.stdout == (
-        f"{path}: OK (15 keys; metrics MSE+NCC 0.5/0.5, 2 resolutions, iterations 150 60)\n"
+        f"{path}: OK (15 keys; metrics MSE+NCC 0.5/0.5, 3 resolutions, iterations 150 80 20)\n"
     )
 
 
