@@ -130,7 +130,7 @@ SCHEMA: tuple[KeySpec, ...] = (
         minimum=3, odd=True,
     ),
     KeySpec(
-        "RegularizationWeight", "float", "per-level", ("0.3",),
+        "RegularizationWeight", "float", "per-level", ("0.3", "0.3", "0.1"),
         "lambda of the diffusion regulariser lambda * |grad u|^2, >= 0, per resolution.",
         minimum=0.0,
     ),
@@ -147,7 +147,7 @@ SCHEMA: tuple[KeySpec, ...] = (
         minimum=1,
     ),
     KeySpec(
-        "MaximumNumberOfIterations", "int", "per-level", ("150", "80", "20"),
+        "MaximumNumberOfIterations", "int", "per-level", ("150", "80", "30"),
         "Optimiser iterations per resolution, >= 0.",
         minimum=0,
     ),

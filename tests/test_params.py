@@ -181,7 +181,7 @@ def test_defaults_follow_number_of_levels():
     assert one.iterations == (150,)
     assert one.pyramid_schedule == ((2, 2, 2),)
     four = _settings("(NumberOfResolutions 4)")
-    assert four.iterations == (150, 80, 20, 150)
+    assert four.iterations == (150, 80, 30, 150)
     assert four.pyramid_schedule == ((16, 16, 16), (8, 8, 8), (4, 4, 4), (2, 2, 2))
     assert four.ncc_window == (5, 5, 7, 5)
 
@@ -191,10 +191,10 @@ def test_default_settings_values():
     assert s.metrics == ("MSE", "NCC")
     assert s.metric_weights == (0.5, 0.5)
     assert s.ncc_window == (5, 5, 7)
-    assert s.regularization_weight == (0.3, 0.3, 0.3)
+    assert s.regularization_weight == (0.3, 0.3, 0.1)
     assert s.num_levels == 3
     assert s.pyramid_schedule == ((8, 8, 8), (4, 4, 4), (2, 2, 2))
-    assert s.iterations == (150, 80, 20)
+    assert s.iterations == (150, 80, 30)
     assert s.learning_rate == (0.02, 0.01, 0.005)
     assert s.optimizer == "Adam"
     assert s.bidirectional is False
@@ -471,7 +471,7 @@ def test_replace_validates_and_applies_fallback():
 def test_replace_refits_levels_and_weights():
     s = default_settings().replace(num_levels=4)
     assert s.pyramid_schedule == ((16, 16, 16), (8, 8, 8), (4, 4, 4), (2, 2, 2))
-    assert s.iterations == (150, 80, 20, 150)
+    assert s.iterations == (150, 80, 30, 150)
     one = default_settings().replace(num_levels=1, iterations=(30,))
     assert one.iterations == (30,) and one.ncc_window == (5,) and one.pyramid_schedule == ((2, 2, 2),)
     assert default_settings().replace(metrics=("NCC",)).metric_weights == (1.0,)
@@ -543,7 +543,7 @@ def test_cli_check_default_preset(cli):
     result = _invoke(cli, "params", "check", path)
     assert result.exit_code == 0, result.output
     assert result.stdout == (
-        f"{path}: OK (15 keys; metrics MSE+NCC 0.5/0.5, 3 resolutions, iterations 150 80 20)\n"
+        f"{path}: OK (15 keys; metrics MSE+NCC 0.5/0.5, 3 resolutions, iterations 150 80 30)\n"
     )
 
 
