@@ -1,9 +1,6 @@
 """Tests for combireg.params (parameter files) and the ``combireg params`` commands."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 from pathlib import Path
 
 import click
@@ -29,53 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "params"
 
 
-# --------------------------------------------------------------------------------------------
-# CLI plumbing: `cli/` becomes the package `combireg.cli` only once installed.
-# --------------------------------------------------------------------------------------------
-
-
-def _import_cli_package() -> None:
-    """Make ``combireg.cli`` importable from a source checkout (no install needed)."""
-    try:
-        importlib.import_module("combireg.cli")
-        return
-    except ModuleNotFoundError:
-        pass
-    spec = importlib.util.spec_from_file_location(
-        "combireg.cli", ROOT / "cli" / "__init__.py", submodule_search_locations=[str(ROOT / "cli")]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["combireg.cli"] = module
-    spec.loader.exec_module(module)
-
-
-def _cli_entry() -> click.Group:
-    """The real ``combireg`` group if it imports, else a stand-in with the same error contract.
-
-    The stand-in is only for checkouts where sibling commands (run, synth) do not exist yet.
-    """
-    _import_cli_package()
-    try:
-        return importlib.import_module("combireg.cli.main").main
-    except ImportError:
-        from combireg.cli.params_cmd import params
-
-        class _Group(click.Group):
-            def invoke(self, ctx):
-                try:
-                    return super().invoke(ctx)
-                except CombiregError as exc:
-                    click.echo(f"combireg: error: {exc}", err=True)
-                    sys.exit(2)
-
-        group = _Group("combireg")
-        group.add_command(params)
-        return group
-
-
 @pytest.fixture(scope="module")
 def cli() -> click.Group:
-    return _cli_entry()
+    from combireg.cli.main import main
+
+    return main
 
 
 def _invoke(cli: click.Group, *args: str):
