@@ -55,7 +55,8 @@ def evaluate(manifest: str, methods: tuple, output: str, compare: tuple, landmar
 
     specs = [parse_method(m) for m in methods]  # user errors before the bar appears
     total = len(read_manifest(manifest)) * len(specs)
-    bar = tqdm(total=total, unit="cell", disable=quiet, dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (logs stay readable)
+    bar = tqdm(total=total, unit="cell", disable=True if quiet else None, dynamic_ncols=True)
 
     def progress(event: dict) -> None:
         if event["event"] == "start":

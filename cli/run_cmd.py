@@ -74,7 +74,8 @@ def run(source: str, target: str, output: str, params: str | None, init: str | N
         source_in, target_in, landmarks = _load_landmarks(source_in, target_in, target_landmarks,
                                                           source_landmarks, landmark_space)
     total = sum(settings.iterations)
-    bar = tqdm(total=total, unit="it", disable=quiet, dynamic_ncols=True, leave=False)
+    # disable=None: no bar when stderr is not a terminal (logs stay readable)
+    bar = tqdm(total=total, unit="it", disable=True if quiet else None, dynamic_ncols=True, leave=False)
 
     def progress(event: dict) -> None:
         bar.update(1)

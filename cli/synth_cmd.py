@@ -33,7 +33,7 @@ def synth(out_dir: Path, cases: int, seed: int, spacing: float, tissue_points: i
     (autoafids==0.1.4).
     """
     check_output_dir(out_dir, overwrite=overwrite)  # before the progress bar appears
-    with tqdm(total=cases, desc="synth", unit="case") as bar:
+    with tqdm(total=cases, desc="synth", unit="case", disable=None) as bar:  # no bar off a terminal
         manifest = generate_dataset(
             out_dir,
             n_cases=cases,
