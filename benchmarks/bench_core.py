@@ -22,8 +22,9 @@ elastix_bspline
     was 11-15 % faster than ITK's default TBB (1 mm pair: 114.7 vs 129.3 s multi-image,
     93.1 vs 109.7 s T1 only, both under the same background load).
 
-Timings need a quiet machine: every row records the 1-minute load average before and after
-it, and ``--max-load`` waits for the load to drop before each method.
+Timings need a quiet machine: every row records the CPU share other processes used while it
+ran (``bg %``) and the 1-minute load average; ``--max-load`` waits for the load to drop before
+each method.
 
 Manifest: CSV with header ``id,source,target,target_landmarks,source_landmarks``; ``source`` and
 ``target`` are comma-joined channel paths; all paths relative to the manifest's folder;
@@ -188,16 +189,32 @@ def worker_main(spec_json: str) -> None:
 
 
 # ------------------------------------------------------------------------------- running
+def busy_cpu_seconds() -> float:
+    """CPU seconds all processes of this machine have used since boot (``/proc/stat``), or NaN."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return float("nan")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:7]) - idle) / os.sysconf("SC_CLK_TCK")  # user..softirq; no steal, no guest
+
+
 def run_child(argv: list[str], env: dict, cwd: Path, log_path: Path) -> dict:
-    """Run ``argv`` to completion; wall and CPU seconds, peak RSS (MB) and exit code of that child."""
+    """Run ``argv`` to completion: wall and CPU seconds, peak RSS (MB) and exit code of that child,
+    and ``background_percent``: the CPU the rest of the machine used meanwhile, in % of all cores
+    (contention that inflates the wall time; near 0 on a quiet machine)."""
     with open(log_path, "w") as log:
+        busy0, self0 = busy_cpu_seconds(), time.process_time()
         start = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
+        busy = busy_cpu_seconds() - busy0 - (time.process_time() - self0)
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keep Popen from waiting
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "peak_rss_mb": usage.ru_maxrss / 1024.0,  # Linux: ru_maxrss in KiB
+    cpu = usage.ru_utime + usage.ru_stime
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": usage.ru_maxrss / 1024.0,  # Linux: KiB
+            "background_percent": max(0.0, 100.0 * (busy - cpu) / (wall * (os.cpu_count() or 1))),
             "exit_code": proc.returncode}
 
 
@@ -305,7 +322,7 @@ def run_case(case: dict, methods: list[dict], workdir: Path, runner: str, thread
 def format_table(rows: list[dict], methods: list[dict]) -> str:
     """Per-row table, per-method means and combireg/elastix wall-time ratios."""
     head = (f"{'case':<16} {'method':<32} {'wall s':>7} {'core s':>7} {'cpu s':>7} {'RSS MB':>7} {'TRE mean':>8} "
-            f"{'median':>7} {'p95':>7} {'init':>6} {'%fold':>7}")
+            f"{'median':>7} {'p95':>7} {'init':>6} {'%fold':>7} {'bg %':>5}")
     lines = [head, "-" * len(head)]
 
     def line(case, method, r):
@@ -314,7 +331,8 @@ def format_table(rows: list[dict], methods: list[dict]) -> str:
         t = r["tre"]
         core = f"{r['core_s']:7.1f}" if r.get("core_s") is not None else f"{'-':>7}"
         return (f"{case:<16} {method:<32} {r['wall_s']:7.1f} {core} {r['cpu_s']:7.1f} {r['peak_rss_mb']:7.0f} {t['mean']:8.2f} "
-                f"{t['median']:7.2f} {t['p95']:7.2f} {t['initial_mean']:6.2f} {t['percent_folding']:7.3f}")
+                f"{t['median']:7.2f} {t['p95']:7.2f} {t['initial_mean']:6.2f} {t['percent_folding']:7.3f} "
+                f"{r.get('background_percent', float('nan')):5.0f}")
 
     for r in rows:
         lines.append(line(r["case"], r["method"], r))
@@ -322,10 +340,8 @@ def format_table(rows: list[dict], methods: list[dict]) -> str:
     summary = method_means(rows, methods)
     for name, m in summary.items():
         lines.append(line(f"mean (n={m['n']})", name, m) if m["n"] else f"{'mean':<16} {name:<32} no successful case")
-    loads = [r["load_1min_before"] for r in rows if "load_1min_before" in r]
-    if loads:
-        lines.append(f"1-min load average before each method: {min(loads):.1f} to {max(loads):.1f} on "
-                     f"{os.cpu_count()} CPUs (above ~0.5 another job shares the cores; see --max-load)")
+    lines.append("bg %: CPU used by other processes while the method ran, % of all cores (timings are "
+                 "trustworthy near 0; see --max-load)")
     ratios = wall_ratios(rows, methods)
     if ratios:
         lines.append("")
@@ -346,6 +362,7 @@ def method_means(rows: list[dict], methods: list[dict]) -> dict:
             m["wall_s"] = float(np.mean([r["wall_s"] for r in ok]))
             m["peak_rss_mb"] = float(np.mean([r["peak_rss_mb"] for r in ok]))
             m["cpu_s"] = float(np.mean([r["cpu_s"] for r in ok]))
+            m["background_percent"] = float(np.mean([r["background_percent"] for r in ok]))
             cores = [r.get("core_s") for r in ok]
             m["core_s"] = float(np.mean(cores)) if None not in cores else None
             m["tre"] = {k: float(np.mean([r["tre"][k] for r in ok]))
