@@ -63,7 +63,8 @@ def run(source: str, target: str, output: str, params: str | None, init: str | N
     """
     from tqdm import tqdm
 
-    from combireg.api import prepare_output_dir, register
+    from combireg.api import register
+    from combireg.outputs import prepare_output_dir
     from combireg.params import load_settings
 
     settings = load_settings(params)

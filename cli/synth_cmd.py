@@ -6,7 +6,8 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from combireg.synth import check_output_dir, generate_dataset
+from combireg.outputs import prepare_output_dir
+from combireg.synth import generate_dataset
 
 
 @click.command("synth")
@@ -32,7 +33,7 @@ def synth(out_dir: Path, cases: int, seed: int, spacing: float, tissue_points: i
     random tissue points) with exact ground truth. The template is downloaded once with pip
     (autoafids==0.1.4).
     """
-    check_output_dir(out_dir, overwrite=overwrite)  # before the progress bar appears
+    prepare_output_dir(out_dir, overwrite=overwrite)  # before the progress bar appears
     with tqdm(total=cases, desc="synth", unit="case", disable=None) as bar:  # no bar off a terminal
         manifest = generate_dataset(
             out_dir,

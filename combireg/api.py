@@ -6,8 +6,6 @@ import logging
 import os
 import platform
 import resource
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from . import __version__
 from .errors import CombiregError
 from .geometry import Geometry
 from .image import Image
+from .outputs import atomic_output_dir, prepare_output_dir
 from .optimize import FieldPair, normalise_intensities, optimise_fields
 from .params import ParamMap, Settings, format_parameter_map, load_settings, settings_from_map
 from .warp import (
@@ -80,34 +79,21 @@ class Result:
         """Write every output into ``outdir`` atomically (temporary folder beside it, then rename)."""
         from . import io
 
-        outdir = prepare_output_dir(outdir, overwrite=overwrite)
-        created = [p for p in reversed(outdir.parents) if not p.exists()]
-        outdir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=outdir.parent))
-        try:
+        with atomic_output_dir(outdir, overwrite=overwrite) as tmp:
             jobs = [(io.write_displacement, tmp / FIELD_NAME, self.displacement_lps_mm, self.target_geometry),
                     (io.write_displacement, tmp / INVERSE_FIELD_NAME, self.inverse_displacement_lps_mm,
                      self.source_geometry)]
             jobs += [(io.write_image, tmp / warped_name(k), self.warped.channel(k), None)
                      for k in range(self.warped.num_channels)]
-            # Why threads: gzip dominates writing a 1 mm field (~4 s each) and zlib releases the
-            # GIL, so the files compress in parallel.
+            # Why threads: gzip dominates writing a 1 mm field and zlib releases the GIL, so the
+            # files compress in parallel.
             with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
                 for future in [pool.submit(fn, path, data, geometry) for fn, path, data, geometry in jobs]:
                     future.result()
             (tmp / PARAMS_NAME).write_text(_params_header(self.settings) + format_parameter_map(
                 self.settings.to_parameter_map(), comments=False))
             (tmp / REPORT_NAME).write_text(json.dumps(self.report, indent=2, default=_json_default) + "\n")
-            _replace_dir(tmp, outdir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            for parent in reversed(created):  # parents this call made, deepest first
-                try:
-                    parent.rmdir()
-                except OSError:
-                    break
-            raise
-        return outdir
+        return Path(outdir).absolute()
 
 
 def _params_header(settings: Settings) -> str:
@@ -121,35 +107,6 @@ def _json_default(value):
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value)}")
-
-
-def prepare_output_dir(outdir: str | os.PathLike, *, overwrite: bool) -> Path:
-    """Check that ``outdir`` may be written (before any work is done); returns it as a Path."""
-    outdir = Path(outdir).absolute()
-    if outdir.exists() and not outdir.is_dir():
-        raise CombiregError(f"{outdir}: exists and is not a directory")
-    if outdir.is_dir() and any(outdir.iterdir()) and not overwrite:
-        raise CombiregError(f"{outdir}: output directory is not empty (use --overwrite)")
-    parent = outdir if outdir.is_dir() else outdir.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    # Why a real probe: os.access() says yes to root everywhere, even on read-only mounts.
-    try:
-        probe = tempfile.mkdtemp(prefix=".combireg-probe-", dir=parent)
-        os.rmdir(probe)
-    except OSError:
-        raise CombiregError(f"{outdir}: output directory is not writable") from None
-    return outdir
-
-
-def _replace_dir(tmp: Path, outdir: Path) -> None:
-    old = None
-    if outdir.exists():
-        old = outdir.with_name(f".{outdir.name}.old-{os.getpid()}")
-        os.replace(outdir, old)
-    os.replace(tmp, outdir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------- memory

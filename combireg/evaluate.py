@@ -640,7 +640,7 @@ class Evaluation:
 
 
 def _prepare_outdir(outdir: Path, overwrite: bool) -> None:
-    from .api import prepare_output_dir
+    from .outputs import prepare_output_dir
 
     prepare_output_dir(outdir, overwrite=True)  # existence/writability only
     if outdir.is_dir() and any(outdir.iterdir()) and not (outdir / RESULTS_NAME).is_file() and not overwrite:

@@ -44,6 +44,7 @@ from .errors import CombiregError
 from .geometry import Geometry
 from .image import Image
 from .landmarks import Landmarks, read_fcsv, write_fcsv
+from .outputs import atomic_output_dir, prepare_output_dir
 
 __all__ = [
     "SimulatedCase",
@@ -54,7 +55,6 @@ __all__ = [
     "simulate_case",
     "write_case",
     "generate_dataset",
-    "check_output_dir",
     "fetch_template",
     "estimate_brain_mask",
     "default_cache_dir",
@@ -974,29 +974,6 @@ def _write_manifest(path: Path, case_ids: list[str]) -> None:
             writer.writerow(_manifest_row(case_id))
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished ``tmp`` to ``out_dir``, replacing what was there only at the very end."""
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the dataset should not be
-    trash = None
-    if out_dir.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        out_dir.rename(trash / out_dir.name)
-    tmp.rename(out_dir)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
-def check_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> None:
-    """Raise :class:`CombiregError` unless ``out_dir`` is absent, empty, or may be overwritten."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CombiregError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise CombiregError(f"{out_dir}: directory is not empty (use --overwrite to replace it)")
-
-
 def generate_dataset(out_dir: str | os.PathLike, *, n_cases: int = 5, seed: int = 0, spacing: float = 1.0,
                      write_ground_truth: bool = True, n_tissue_points: int = 100, overwrite: bool = False,
                      cache_dir: str | os.PathLike | None = None,
@@ -1021,12 +998,10 @@ def generate_dataset(out_dir: str | os.PathLike, *, n_cases: int = 5, seed: int 
     out_dir = Path(out_dir)
     if n_cases < 1:
         raise CombiregError("n_cases must be at least 1")
-    check_output_dir(out_dir, overwrite=overwrite)
+    prepare_output_dir(out_dir, overwrite=overwrite)
     template, afids = fetch_template(cache_dir)
     brain = estimate_brain_mask(template)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         case_ids = []
         for case_seed in range(seed, seed + n_cases):
             case_id = f"case{case_seed:04d}"
@@ -1039,10 +1014,6 @@ def generate_dataset(out_dir: str | os.PathLike, *, n_cases: int = 5, seed: int 
                 progress(case_id)
         _write_manifest(tmp / "manifest.csv", case_ids)
         (tmp / "NOTICE.md").write_text(NOTICE)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir / "manifest.csv"
 
 
