@@ -36,13 +36,14 @@ def main(verbose: int) -> None:
 
 
 def _register_commands() -> None:
-    from . import evaluate_cmd, params_cmd, run_cmd, synth_cmd, tre_cmd
+    from . import baseline_cmd, evaluate_cmd, params_cmd, run_cmd, synth_cmd, tre_cmd
 
     main.add_command(run_cmd.run)
     main.add_command(params_cmd.params)
     main.add_command(synth_cmd.synth)
     main.add_command(tre_cmd.tre)
     main.add_command(evaluate_cmd.evaluate)
+    main.add_command(baseline_cmd.baseline)
 
 
 _register_commands()

@@ -32,7 +32,8 @@ from .warp import (
     warp_image,
 )
 
-__all__ = ["register", "Result", "estimate_memory_bytes", "available_memory_bytes", "prepare_output_dir"]
+__all__ = ["register", "Result", "write_outputs", "as_image", "estimate_memory_bytes", "available_memory_bytes",
+           "prepare_output_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -77,23 +78,33 @@ class Result:
 
     def save(self, outdir: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write every output into ``outdir`` atomically (temporary folder beside it, then rename)."""
-        from . import io
+        params_text = _params_header(self.settings) + format_parameter_map(self.settings.to_parameter_map())
+        return write_outputs(outdir, self, params_text, overwrite=overwrite)
 
-        with atomic_output_dir(outdir, overwrite=overwrite) as tmp:
-            jobs = [(io.write_displacement, tmp / FIELD_NAME, self.displacement_lps_mm, self.target_geometry),
-                    (io.write_displacement, tmp / INVERSE_FIELD_NAME, self.inverse_displacement_lps_mm,
-                     self.source_geometry)]
-            jobs += [(io.write_image, tmp / warped_name(k), self.warped.channel(k), None)
-                     for k in range(self.warped.num_channels)]
-            # Why threads: gzip dominates writing a 1 mm field and zlib releases the GIL, so the
-            # files compress in parallel.
-            with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
-                for future in [pool.submit(fn, path, data, geometry) for fn, path, data, geometry in jobs]:
-                    future.result()
-            (tmp / PARAMS_NAME).write_text(_params_header(self.settings) + format_parameter_map(
-                self.settings.to_parameter_map(), comments=False))
-            (tmp / REPORT_NAME).write_text(json.dumps(self.report, indent=2, default=_json_default) + "\n")
-        return Path(outdir).absolute()
+
+def write_outputs(outdir: str | os.PathLike, result, params_text: str, *, overwrite: bool = False) -> Path:
+    """Write the output files of a registration method (the contract of ``combireg run``).
+
+    ``result`` has ``displacement_lps_mm``, ``target_geometry``, ``inverse_displacement_lps_mm``,
+    ``source_geometry``, ``warped`` and ``report`` (a :class:`Result` or a baseline's result), so
+    every method writes the same files the same way. Written whole or not at all.
+    """
+    from . import io
+
+    with atomic_output_dir(outdir, overwrite=overwrite) as tmp:
+        jobs = [(io.write_displacement, tmp / FIELD_NAME, result.displacement_lps_mm, result.target_geometry),
+                (io.write_displacement, tmp / INVERSE_FIELD_NAME, result.inverse_displacement_lps_mm,
+                 result.source_geometry)]
+        jobs += [(io.write_image, tmp / warped_name(k), result.warped.channel(k), None)
+                 for k in range(result.warped.num_channels)]
+        # Why threads: gzip dominates writing a 1 mm field and zlib releases the GIL, so the
+        # files compress in parallel.
+        with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+            for future in [pool.submit(fn, path, data, geometry) for fn, path, data, geometry in jobs]:
+                future.result()
+        (tmp / PARAMS_NAME).write_text(params_text)
+        (tmp / REPORT_NAME).write_text(json.dumps(result.report, indent=2, default=_json_default) + "\n")
+    return Path(outdir).absolute()
 
 
 def _params_header(settings: Settings) -> str:
@@ -141,7 +152,8 @@ def estimate_memory_bytes(target_geometry: Geometry, source_geometry: Geometry, 
 
 
 # ---------------------------------------------------------------------------------- register
-def _as_image(value: ImageLike, role: str) -> Image:
+def as_image(value: ImageLike, role: str) -> Image:
+    """An :class:`Image` as is, or read from a path, comma-joined paths or a list of channel paths."""
     if isinstance(value, Image):
         return value
     from . import io
@@ -214,8 +226,8 @@ def register(source: ImageLike, target: ImageLike, params: Settings | ParamMap |
     settings = _as_settings(params)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CombiregError("--device cuda requested but no CUDA device is available")
-    target_img = _as_image(target, "target")
-    source_img = _as_image(source, "source")
+    target_img = as_image(target, "target")
+    source_img = as_image(source, "source")
     if source_img.num_channels != target_img.num_channels:
         raise CombiregError(f"source has {source_img.num_channels} channel(s) but target has "
                             f"{target_img.num_channels}; give the same count on both sides")

@@ -19,7 +19,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .errors import CombiregError
 from .filters import smooth_and_resize

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from combireg import Geometry, Image
+from combireg import Geometry
 from combireg import warp
 from tests.conftest import image_from_world_function, known_displacement, smooth_pattern
 
