@@ -313,7 +313,7 @@ def run_case(case: dict, methods: list[dict], workdir: Path, runner: str, thread
             rows.append(row)
             continue
         print(f"  {case['id']} {method['name']}: {wall:.1f} s, {rss:.0f} MB, TRE {row['tre']['mean']:.2f} mm "
-              f"(1-min load avg {load_before:.1f} before, {row['load_1min_after']:.1f} after)", flush=True)
+              f"(other processes used {row['background_percent']:.0f} % of the CPUs meanwhile)", flush=True)
         rows.append(row)
     return rows
 
