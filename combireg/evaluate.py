@@ -18,7 +18,9 @@ Method SPEC (``--method NAME=SPEC``)
         params:FILE      elastix-syntax parameter file (default: the built-in defaults)
         init:FIELD       initial forward field; "{case}" in FIELD is replaced by the case id,
                          e.g. init:out/cases/{case}/affine/field.nii.gz
-        baseline:NAME    reserved for the baseline methods (not available yet)
+        baseline:elastix elastix B-spline (itk-elastix); with params:FILE an elastix parameter
+                         file (default: params/elastix_bspline.txt's map); no init
+                         (baseline:syn is not available yet)
         drn:MODEL        reserved for DRN + instance optimisation (not available yet)
 
     A SPEC whose first item has no known ``KEY:`` prefix is a parameter file, so
@@ -181,14 +183,17 @@ class MethodSpec:
         Parameter file (None = built-in defaults).
     init : str or None
         Initial field path template (``{case}`` is replaced by the case id).
-    settings : Settings
-        The validated parameters.
+    baseline : str or None
+        A classical baseline (``"elastix"``) instead of combireg's instance optimisation.
+    settings : Settings or None
+        The validated combireg parameters (None for a baseline).
     """
 
     name: str
     spec: str
     params: Path | None = None
     init: str | None = None
+    baseline: str | None = None
     settings: object = None
 
     def init_for(self, case_id: str) -> Path | None:
@@ -208,6 +213,19 @@ def _spec_init(method: MethodSpec, value: str) -> None:
     method.init = value
 
 
+#: Baselines ``baseline:NAME`` can name.
+BASELINES = ("elastix",)
+
+
+def _spec_baseline(method: MethodSpec, value: str) -> None:
+    if method.baseline is not None:
+        raise CombiregError(f"method {method.name!r}: 'baseline' given twice")
+    if value.lower() not in BASELINES:
+        raise CombiregError(f"method {method.name!r}: baseline {value!r} is not available "
+                            f"(available: {', '.join(BASELINES)})")
+    method.baseline = value.lower()
+
+
 def _not_available(key: str) -> Callable[[MethodSpec, str], None]:
     def handler(method: MethodSpec, value: str) -> None:
         raise CombiregError(f"method {method.name!r}: '{key}:' methods are not available yet")
@@ -219,7 +237,7 @@ def _not_available(key: str) -> Callable[[MethodSpec, str], None]:
 SPEC_KEYS: dict[str, Callable[[MethodSpec, str], None]] = {
     "params": _spec_params,
     "init": _spec_init,
-    "baseline": _not_available("baseline"),
+    "baseline": _spec_baseline,
     "drn": _not_available("drn"),
 }
 
@@ -262,7 +280,15 @@ def parse_method(text: str) -> MethodSpec:
         SPEC_KEYS[key](method, value)
     if method.params is not None and not method.params.is_file():
         raise CombiregError(f"method {name!r}: parameter file {method.params}: no such file")
-    method.settings = load_settings(method.params)
+    if method.baseline is not None:
+        if method.init is not None:
+            raise CombiregError(f"method {name!r}: a baseline takes no 'init:'")
+        if method.params is not None:
+            from .adapters.elastix import read_parameter_map
+
+            read_parameter_map(method.params)  # validate up front
+    else:
+        method.settings = load_settings(method.params)
     return method
 
 
@@ -343,7 +369,12 @@ def run_cell(case: Case, method: MethodSpec, outdir: str | os.PathLike, *, devic
     if outside.any():
         log.warning("%s: %d source landmark(s) lie outside the source image grid", case.id, int(outside.sum()))
     reset = _reset_peak_memory()
-    result = register(source, target, method.settings, init=None if init is None else str(init), device=device)
+    if method.baseline == "elastix":
+        from .adapters.elastix import register_elastix
+
+        result = register_elastix(source, target, parameter_file=method.params)
+    else:
+        result = register(source, target, method.settings, init=None if init is None else str(init), device=device)
     peak = _peak_memory_mb(result.report["peak_memory_mb"]) if reset else result.report["peak_memory_mb"]
     result.report["tre"] = compute_tre(result.displacement_lps_mm, result.target_geometry,
                                        target_lm, source_lm).to_dict()

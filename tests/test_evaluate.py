@@ -165,7 +165,8 @@ def test_method_spec_grammar(tmp_path):
     ("noequals", "expected NAME=SPEC"),
     ("=p.txt", "expected NAME=SPEC"),
     ("a/b=PARAMS", "NAME must be"),
-    ("a=baseline:elastix", "not available yet"),
+    ("a=baseline:syn", "is not available"),
+    ("a=baseline:elastix,init:x.nii.gz", "takes no 'init:'"),
     ("a=drn:model.pt", "not available yet"),
     ("a=PARAMS,foo:bar", "unknown item"),
     ("a=PARAMS,,init:x", "empty item"),
@@ -232,7 +233,7 @@ def test_bad_manifests(tmp_path, text, message):
     (["MISSING", "--method", "a=PARAMS"], "no such manifest"),
     (["MANIFEST", "--method", "a=PARAMS", "--compare", "a:b"], "unknown method 'b'"),
     (["MANIFEST", "--method", "a=PARAMS", "--method", "a=PARAMS"], "given twice"),
-    (["MANIFEST", "--method", "a=baseline:ants"], "not available yet"),
+    (["MANIFEST", "--method", "a=baseline:ants"], "is not available"),
     (["MANIFEST", "--method", "a=PARAMS", "--landmark-space", "voxel"], "voxel"),
 ])
 def test_evaluate_command_errors_write_nothing(tmp_path, args, message):
@@ -254,3 +255,24 @@ def test_evaluate_refuses_a_foreign_non_empty_folder(tmp_path):
                                     "-o", str(out)])
     assert res.exit_code == 2 and "holds no results.csv" in res.output
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+
+
+def test_evaluate_runs_the_elastix_baseline_like_any_method(tmp_path):
+    """baseline:elastix cells produce the same outputs and rows as combireg cells."""
+    from combireg.adapters import elastix
+
+    pm = elastix.default_parameter_map()
+    pm.update(NumberOfResolutions=["1"], GridSpacingSchedule=["1"], MaximumNumberOfIterations=["30"],
+              FinalGridSpacingInPhysicalUnits=["32"])
+    fast = tmp_path / "fast_elastix.txt"
+    fast.write_text(elastix.format_elastix_map(pm))
+    out = tmp_path / "ev"
+    res = invoke("evaluate", SAMPLES / "manifest.csv", "-m", f"bl=baseline:elastix,params:{fast}", "-o", out, "-q")
+    assert res.exit_code == 0, res.output
+    rows = _csv_rows(out / "results.csv")
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    for row in rows:
+        assert float(row["tre_mean"]) < float(row["initial_mean"])
+        cell = out / row["outdir"]
+        assert {"field.nii.gz", "field_inverse.nii.gz", "warped_0.nii.gz", "warped_1.nii.gz", "params.txt",
+                "report.json", "tre.csv", "tre.json"} <= {p.name for p in cell.iterdir()}
