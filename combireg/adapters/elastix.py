@@ -302,7 +302,7 @@ def register_elastix(source: ImageLike, target: ImageLike, *, parameter_file: st
     t_prep = time.perf_counter() - start
 
     notify({"stage": "elastix"})
-    with _PoolThreader() as threader, tempfile.TemporaryDirectory(prefix="combireg-elastix-") as workdir:
+    with _PoolThreader() as threader, tempfile.TemporaryDirectory(prefix="combireg-elastix-", ignore_cleanup_errors=True) as workdir:
         po = itk.ParameterObject.New()
         po.AddParameterMap(pm)
         reg = itk.ElastixRegistrationMethod[type(fixed[0]), type(moving[0])].New()
@@ -330,10 +330,11 @@ def register_elastix(source: ImageLike, target: ImageLike, *, parameter_file: st
             transformix.SetOutputDirectory(workdir)
             transformix.SetLogToConsole(False)
             transformix.UpdateLargestPossibleRegion()
-            field_itk = transformix.GetOutputDeformationField()
+            # Copy to numpy while the work folder exists: ITK pipelines are lazy, and touching
+            # the output later re-ran transformix after the folder was gone ("does not exist").
+            u_mm = np.array(itk.array_from_image(transformix.GetOutputDeformationField()), dtype=np.float32)
         except Exception as exc:
             raise CombiregError(f"transformix failed: {_itk_message(exc)}") from None
-    u_mm = np.asarray(itk.array_from_image(field_itk), dtype=np.float32)
     if u_mm.shape != target_img.geometry.shape + (3,):
         raise CombiregError(f"transformix returned a field of shape {u_mm.shape[:3]}, not the target grid "
                             f"{target_img.geometry.shape}")
