@@ -50,3 +50,21 @@ def known_displacement(geometry: Geometry) -> np.ndarray:
     u[..., 1] = 1.5 * np.cos(r[..., 2] / 10.0)
     u[..., 2] = 1.0
     return u
+
+
+def itk_warp_with_field(source_path, outdir) -> tuple[np.ndarray, np.ndarray]:
+    """Apply ``outdir/field.nii.gz`` to the source with ITK's own DisplacementFieldTransform and
+    ResampleImageFilter; return (our warped_0, ITK's result) as arrays on the target grid."""
+    import itk
+
+    field = itk.imread(str(outdir / "field.nii.gz"))  # as written: vector float32
+    # DisplacementFieldTransform<double> wants double vectors; only the pixel type changes.
+    field_d = itk.image_from_array(itk.array_from_image(field).astype(np.float64), is_vector=True)
+    field_d.CopyInformation(field)
+    transform = itk.DisplacementFieldTransform[itk.D, 3].New()
+    transform.SetDisplacementField(field_d)
+    moving = itk.imread(str(source_path), itk.F)
+    ours = itk.imread(str(outdir / "warped_0.nii.gz"), itk.F)
+    theirs = itk.resample_image_filter(moving, transform=transform, use_reference_image=True,
+                                       reference_image=ours, default_pixel_value=0.0)
+    return itk.array_from_image(ours), itk.array_from_image(theirs)

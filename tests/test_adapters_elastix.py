@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from combireg import Geometry, io
 from combireg.errors import CombiregError
 
-from tests.conftest import ROOT, image_from_world_function, oblique_direction, smooth_pattern
+from tests.conftest import ROOT, image_from_world_function, itk_warp_with_field, oblique_direction, smooth_pattern
 
 pytest.importorskip("itk")
 elastix = pytest.importorskip("combireg.adapters.elastix")
@@ -67,22 +67,10 @@ def test_recovers_known_shift(result):
 
 def test_itk_resampler_with_written_field_reproduces_warped(tmp_path, pair, result):
     """The written field applied by ITK's DisplacementFieldTransform gives warped_0."""
-    import itk
-
     src_path = tmp_path / "src.nii.gz"
     io.write_image(src_path, pair[0][0])
     out = result.save(tmp_path / "out")
-    field = itk.imread(str(out / "field.nii.gz"))
-    field_d = itk.image_from_array(itk.array_from_image(field).astype(np.float64), is_vector=True)
-    field_d.CopyInformation(field)
-    transform = itk.DisplacementFieldTransform[itk.D, 3].New()
-    transform.SetDisplacementField(field_d)
-    moving = itk.imread(str(src_path), itk.F)
-    fixed_like = itk.imread(str(out / "warped_0.nii.gz"), itk.F)
-    resampled = itk.resample_image_filter(moving, transform=transform, use_reference_image=True,
-                                          reference_image=fixed_like, default_pixel_value=0.0)
-    ours = itk.array_from_image(fixed_like)
-    theirs = itk.array_from_image(resampled)
+    ours, theirs = itk_warp_with_field(src_path, out)
     inner = (slice(3, -3),) * 3
     assert np.abs(ours[inner] - theirs[inner]).max() < 1e-3 * np.abs(ours).max()
 

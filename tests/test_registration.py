@@ -10,7 +10,7 @@ from combireg.api import register
 from combireg.errors import CombiregError
 from combireg.params import default_settings
 from combireg.warp import jacobian_determinant
-from tests.conftest import image_from_world_function, known_displacement, smooth_pattern
+from tests.conftest import image_from_world_function, itk_warp_with_field, known_displacement, smooth_pattern
 
 
 def _settings(**changes):
@@ -85,24 +85,11 @@ def test_result_report_and_no_folding(result):
 
 def test_itk_resampler_with_written_field_reproduces_warped(tmp_path, problem, result):
     """Our field applied by ITK's own DisplacementFieldTransform gives our warped image."""
-    import itk
-
     source, target, _ = problem
     src_path = tmp_path / "src.nii.gz"
     io.write_image(src_path, source)
     out = result.save(tmp_path / "out")
-    field = itk.imread(str(out / "field.nii.gz"))  # as written: vector float32
-    # DisplacementFieldTransform<double> wants double vectors; only the pixel type changes.
-    field_d = itk.image_from_array(itk.array_from_image(field).astype(np.float64), is_vector=True)
-    field_d.CopyInformation(field)
-    transform = itk.DisplacementFieldTransform[itk.D, 3].New()
-    transform.SetDisplacementField(field_d)
-    moving = itk.imread(str(src_path), itk.F)
-    fixed_like = itk.imread(str(out / "warped_0.nii.gz"), itk.F)
-    resampled = itk.resample_image_filter(moving, transform=transform, use_reference_image=True,
-                                          reference_image=fixed_like, default_pixel_value=0.0)
-    ours = itk.array_from_image(fixed_like)
-    theirs = itk.array_from_image(resampled)
+    ours, theirs = itk_warp_with_field(src_path, out)
     inner = (slice(2, -2),) * 3
     assert np.abs(ours[inner] - theirs[inner]).max() < 1e-3 * np.abs(ours).max()
 
