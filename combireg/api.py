@@ -23,6 +23,7 @@ from .outputs import atomic_output_dir, prepare_output_dir
 from .optimize import FieldPair, normalise_intensities, optimise_fields
 from .params import ParamMap, Settings, format_parameter_map, load_settings, settings_from_map
 from .warp import (
+    invert_normalised,
     jacobian_determinant,
     lps_mm_to_normalised,
     normalised_to_lps_mm,
@@ -188,8 +189,6 @@ def _init_fields(init, target: Image, source: Image, settings: Settings, device)
     forward = lps_mm_to_normalised(u_mm, target.geometry, device)
     first = target.geometry.shrink(settings.pyramid_schedule[0])
     forward = upsample_normalised(forward, first.shape)
-    from .warp import invert_normalised
-
     return forward, (invert_normalised(forward) if settings.bidirectional else None)
 
 
@@ -269,16 +268,26 @@ def _finish(fields: FieldPair, source: Image, target: Image, settings: Settings)
     return Result(u_mm, target.geometry, v_mm, source.geometry, warped, settings)
 
 
+def _package_version(name: str) -> str:
+    # Why metadata, not `import itk`: a Python-API run on in-memory images never needs ITK, and
+    # importing it only to read a version cost ~2 s.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def _report(result: Result, fields: FieldPair, settings: Settings, device: str, source: Image, target: Image,
             seconds: dict) -> dict:
-    import itk  # noqa: F401  (version only; already imported for I/O in CLI runs)
 
     jac = jacobian_determinant(result.displacement_lps_mm, result.target_geometry)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return {
         "combireg_version": __version__,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "numpy": np.__version__, "itk": getattr(itk, "__version__", "unknown")},
+                     "numpy": np.__version__, "itk": _package_version("itk")},
         "device": device,
         "threads": torch.get_num_threads(),
         "seed": settings.seed,
