@@ -49,10 +49,8 @@ def local_ncc(warped: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | N
     if target_stats is None:
         target_stats = local_stats(target, window)
     mean_t, var_t = target_stats
-    if mask is None:
-        return _LocalNCC.apply(warped, target.detach(), mean_t, var_t, window)
-    cc = _local_cc2(warped, target, mean_t, var_t, window)[0]
-    return 1.0 - _masked_mean(cc, mask)
+    weight = None if mask is None else mask.detach().expand_as(warped)
+    return _LocalNCC.apply(warped, target.detach(), mean_t, var_t, window, weight)
 
 
 def _local_cc2(warped, target, mean_t, var_t, window):
@@ -81,23 +79,30 @@ class _LocalNCC(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, warped, target, mean_t, var_t, window):
+    def forward(ctx, warped, target, mean_t, var_t, window, weight=None):
         cc, cov, denom, mean_w = _local_cc2(warped, target, mean_t, var_t, window)
-        ctx.save_for_backward(warped, target, mean_t, var_t, cov, denom, mean_w)
+        ctx.save_for_backward(warped, target, mean_t, var_t, cov, denom, mean_w, weight)
         ctx.window = window
-        return 1.0 - cc.mean()
+        if weight is None:
+            return 1.0 - cc.mean()
+        # A weighted mean over voxels (cost-function masking); the weights are constants.
+        ctx.total_weight = weight.sum().clamp_min(1.0)
+        return 1.0 - (cc * weight).sum() / ctx.total_weight
 
     @staticmethod
     def backward(ctx, grad_output):
-        warped, target, mean_t, var_t, cov, denom, mean_w = ctx.saved_tensors
-        scale = -grad_output / cov.numel()
+        warped, target, mean_t, var_t, cov, denom, mean_w, weight = ctx.saved_tensors
+        if weight is None:
+            scale = -grad_output / cov.numel()
+        else:
+            scale = -grad_output * weight / ctx.total_weight
         g_wt = scale * 2.0 * cov / denom
         g_ww = -scale * cov * cov * var_t / (denom * denom)
         g_w = -mean_t * g_wt - 2.0 * mean_w * g_ww
         c = warped.shape[1]
         back = box_filter(torch.cat([g_w, g_ww, g_wt], dim=1), ctx.window, transpose=True)
         grad = back[:, :c] + 2.0 * warped * back[:, c : 2 * c] + target * back[:, 2 * c :]
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def local_stats(image: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:

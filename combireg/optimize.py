@@ -122,8 +122,20 @@ def _ic_residual(first: torch.Tensor, second: torch.Tensor, grid: torch.Tensor, 
     return ((residual * half_extent.view(1, 3, 1, 1, 1)) ** 2).mean() * 3
 
 
+def _pair_mask(fixed_mask: torch.Tensor | None, moving_mask: torch.Tensor | None, displacement: torch.Tensor,
+               grid: torch.Tensor) -> torch.Tensor | None:
+    """Similarity weights of one direction: the fixed side's mask times the moving side's mask
+    carried along by the current field (detached: the mask weights the similarity, it is not a
+    term the field may optimise by moving the mask)."""
+    if moving_mask is None:
+        return fixed_mask
+    carried = warp_normalised(moving_mask, displacement.detach(), grid)
+    return carried if fixed_mask is None else fixed_mask * carried
+
+
 def optimise_fields(source: torch.Tensor, target: torch.Tensor, geometry: Geometry, settings: Settings, *,
                     init_forward: torch.Tensor | None = None, init_backward: torch.Tensor | None = None,
+                    target_mask: torch.Tensor | None = None, source_mask: torch.Tensor | None = None,
                     callback: Callable[[dict], None] | None = None) -> FieldPair:
     """Optimise forward (and backward) fields over the resolution pyramid.
 
@@ -137,6 +149,12 @@ def optimise_fields(source: torch.Tensor, target: torch.Tensor, geometry: Geomet
         Validated parameters (metrics, weights, pyramid, iterations, learning rates, ...).
     init_forward, init_backward : Tensor, (1, 3, z, y, x), optional
         Initial normalised fields on any level of this grid's pyramid (resized as needed).
+    target_mask, source_mask : Tensor, (1, 1, Z, Y, X), optional
+        Weights in [0, 1] on ``geometry`` (the source mask already resampled into target
+        space) restricting the similarity (cost-function masking): the forward term counts a
+        target voxel x with weight ``target_mask(x) * source_mask(x + u(x))``, the backward
+        term symmetrically. The regulariser covers the whole grid, so masked-out regions follow
+        their surroundings smoothly.
     callback : callable, optional
         Called after every iteration with a dict (level, levels, iteration, iterations, loss).
 
@@ -155,6 +173,7 @@ def optimise_fields(source: torch.Tensor, target: torch.Tensor, geometry: Geomet
         shape = level_geometry.shape
         src = level_image(source, factors, shape)
         tgt = level_image(target, factors, shape)
+        masks = tuple(None if m is None else level_image(m, factors, shape) for m in (target_mask, source_mask))
         zeros = torch.zeros((1, 3) + shape, device=device)
         forward = zeros.clone() if forward is None else upsample_normalised(forward.detach(), shape).clone()
         if settings.bidirectional:
@@ -162,7 +181,7 @@ def optimise_fields(source: torch.Tensor, target: torch.Tensor, geometry: Geomet
         threads = 1 if level_geometry.num_voxels < SINGLE_THREAD_VOXELS else torch.get_num_threads()
         with _threads(threads):
             report = _optimise_level(src, tgt, forward, backward if settings.bidirectional else None,
-                                     level_geometry, settings, level, callback)
+                                     level_geometry, settings, level, callback, masks)
         levels.append(report)
         log.info("level %d %s: %d iterations in %.1f s, loss %.5f", level, shape, report.iterations,
                  report.seconds, report.loss)
@@ -177,7 +196,8 @@ def optimise_fields(source: torch.Tensor, target: torch.Tensor, geometry: Geomet
 
 def _optimise_level(src: torch.Tensor, tgt: torch.Tensor, forward: torch.Tensor, backward: torch.Tensor | None,
                     level_geometry: Geometry, settings: Settings, level: int,
-                    callback: Callable[[dict], None] | None) -> LevelReport:
+                    callback: Callable[[dict], None] | None,
+                    masks: tuple = (None, None)) -> LevelReport:
     iterations = settings.iterations[level]
     lr = settings.learning_rate[level]
     window = settings.ncc_window[level]
@@ -192,6 +212,7 @@ def _optimise_level(src: torch.Tensor, tgt: torch.Tensor, forward: torch.Tensor,
     half_extent = torch.as_tensor(np.where(level_geometry.extent_mm > 0, level_geometry.extent_mm / 2, 1.0),
                                   dtype=torch.float32, device=src.device)
     uses_ncc = "NCC" in settings.metrics
+    tgt_mask, src_mask = masks
     tgt_stats = local_stats(tgt, window) if uses_ncc else None
     src_stats = local_stats(src, window) if uses_ncc and backward is not None else None
     history, terms = [], {}
@@ -201,14 +222,16 @@ def _optimise_level(src: torch.Tensor, tgt: torch.Tensor, forward: torch.Tensor,
         optimiser.zero_grad(set_to_none=True)
         warped_src = warp_normalised(src, forward, grid)
         sim_f, terms_f = weighted_similarity(warped_src, tgt, settings.metrics, settings.metric_weights,
-                                             window=window, target_stats=tgt_stats)
+                                             window=window, target_stats=tgt_stats,
+                                             mask=_pair_mask(tgt_mask, src_mask, forward, grid))
         reg = gradient_regulariser(forward, scale)
         loss = sim_f
         terms = {f"forward_{k}": v for k, v in terms_f.items()}
         if backward is not None:
             warped_tgt = warp_normalised(tgt, backward, grid)
             sim_b, terms_b = weighted_similarity(warped_tgt, src, settings.metrics, settings.metric_weights,
-                                                 window=window, target_stats=src_stats)
+                                                 window=window, target_stats=src_stats,
+                                                 mask=_pair_mask(src_mask, tgt_mask, backward, grid))
             reg = reg + gradient_regulariser(backward, scale)
             loss = loss + sim_b
             terms.update({f"backward_{k}": v for k, v in terms_b.items()})

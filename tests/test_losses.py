@@ -57,19 +57,39 @@ def test_masked_mse():
     assert float(losses.mse(a, b, mask)) == 0.0
 
 
-def test_local_ncc_hand_written_gradient_matches_autograd():
+def _autograd_local_ncc(warped, target, stats, window, mask=None):
+    """Reference: the same formula written with autograd-differentiable tensor ops."""
+    cc = losses._local_cc2(warped, target, *stats, window)[0]
+    if mask is None:
+        return 1.0 - cc.mean()
+    m = mask.expand_as(cc)
+    return 1.0 - (cc * m).sum() / m.sum()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_local_ncc_hand_written_gradient_matches_autograd(masked):
     g = torch.Generator().manual_seed(3)
     target = torch.rand(1, 2, 9, 10, 11, generator=g, dtype=torch.float64)
     warped = torch.rand(1, 2, 9, 10, 11, generator=g, dtype=torch.float64).requires_grad_()
+    mask = torch.rand(1, 1, 9, 10, 11, generator=g, dtype=torch.float64) if masked else None
     stats = losses.local_stats(target, 5)
-    # reference: the same formula through autograd (masked path), mask of ones
-    ones = torch.ones_like(target)
-    ref = losses.local_ncc(warped, target, ones, window=5, target_stats=stats)
+    ref = _autograd_local_ncc(warped, target, stats, 5, mask)
     (g_ref,) = torch.autograd.grad(ref, warped)
-    fused = losses.local_ncc(warped, target, window=5, target_stats=stats)
+    fused = losses.local_ncc(warped, target, mask, window=5, target_stats=stats)
     (g_fused,) = torch.autograd.grad(fused, warped)
     assert float(fused) == pytest.approx(float(ref), rel=1e-10)
     np.testing.assert_allclose(g_fused.numpy(), g_ref.numpy(), rtol=1e-6, atol=1e-12)
+
+
+def test_masked_local_ncc_ignores_what_the_mask_excludes():
+    g = torch.Generator().manual_seed(6)
+    target = torch.rand(1, 1, 12, 12, 12, generator=g, dtype=torch.float64)
+    warped = target.clone()
+    warped[..., 6:] = torch.rand(1, 1, 12, 12, 6, generator=g, dtype=torch.float64)  # disagree on one half
+    mask = torch.zeros(1, 1, 12, 12, 12, dtype=torch.float64)
+    mask[..., :3] = 1.0  # far enough (window 5) from the disagreeing half
+    assert float(losses.local_ncc(warped, target, mask, window=5)) == pytest.approx(0.0, abs=1e-4)
+    assert float(losses.local_ncc(warped, target, window=5)) > 0.2
 
 
 def test_gradient_regulariser_matches_autograd_reference():
