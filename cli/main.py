@@ -36,7 +36,7 @@ def main(verbose: int) -> None:
 
 
 def _register_commands() -> None:
-    from . import baseline_cmd, evaluate_cmd, params_cmd, run_cmd, synth_cmd, tre_cmd
+    from . import baseline_cmd, compare_cmd, evaluate_cmd, params_cmd, preprocess_cmd, run_cmd, synth_cmd, tre_cmd
 
     main.add_command(run_cmd.run)
     main.add_command(params_cmd.params)
@@ -44,6 +44,11 @@ def _register_commands() -> None:
     main.add_command(tre_cmd.tre)
     main.add_command(evaluate_cmd.evaluate)
     main.add_command(baseline_cmd.baseline)
+    main.add_command(compare_cmd.compare)
+    main.add_command(preprocess_cmd.preprocess)
+
+    from . import train_cmd  # the DRN (issue 5)
+    main.add_command(train_cmd.train)
 
 
 _register_commands()

@@ -38,11 +38,16 @@ def _load_landmarks(source: list[str], target: list[str], target_landmarks: str 
 @click.option("-p", "--params", "params", type=click.Path(dir_okay=False), default=None,
               help="elastix-syntax parameter file (default: built-in defaults = params/default.txt).")
 @click.option("--init", "init", type=click.Path(dir_okay=False), default=None,
-              help="Initial forward displacement field (ITK vector image, LPS mm, our convention).")
+              help="Initialisation: a DRN model file (*.pt from `combireg train`), 'drn' for the shipped model, "
+                   "or an initial forward displacement field (ITK vector image, LPS mm, our convention).")
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu or cuda.")
 @click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty output directory.")
 @click.option("--max-memory", "max_memory_gb", type=float, default=None,
               help="Refuse to start above this estimated peak memory in GiB (default: what is available).")
+@click.option("--target-mask", type=click.Path(dir_okay=False), default=None,
+              help="Binary mask on the target's grid (brain/region): only voxels inside count in the similarity.")
+@click.option("--source-mask", type=click.Path(dir_okay=False), default=None,
+              help="Binary mask on the source's grid, carried along by the field.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--target-landmarks", type=click.Path(dir_okay=False), default=None,
               help="Landmarks on the target (.fcsv, .mrk.json, .csv, elastix points): TRE before/after is "
@@ -53,7 +58,8 @@ def _load_landmarks(source: list[str], target: list[str], target_landmarks: str 
               help="Space of landmark files that do not declare theirs: lps (default for CSV), ras, or index "
                    "(voxel indices of the first channel of their side).")
 def run(source: str, target: str, output: str, params: str | None, init: str | None, device: str,
-        overwrite: bool, max_memory_gb: float | None, quiet: bool, target_landmarks: str | None,
+        overwrite: bool, max_memory_gb: float | None, target_mask: str | None, source_mask: str | None,
+        quiet: bool, target_landmarks: str | None,
         source_landmarks: str | None, landmark_space: str | None) -> None:
     """Register SOURCE to TARGET (each one image or comma-separated channel files).
 
@@ -85,7 +91,7 @@ def run(source: str, target: str, output: str, params: str | None, init: str | N
 
     try:
         result = register(source_in, target_in, settings, init=init,
-                          device=device, callback=progress,
+                          device=device, callback=progress, target_mask=target_mask, source_mask=source_mask,
                           max_memory_bytes=None if max_memory_gb is None else int(max_memory_gb * 2**30))
     finally:
         bar.close()

@@ -23,12 +23,15 @@ from .outputs import atomic_output_dir, prepare_output_dir
 from .optimize import FieldPair, normalise_intensities, optimise_fields
 from .params import ParamMap, Settings, format_parameter_map, load_settings, settings_from_map
 from .warp import (
+    affine_displacement,
+    compose_affine,
     invert_normalised,
     jacobian_determinant,
     lps_mm_to_normalised,
     normalised_to_lps_mm,
     resample_field,
     resample_image,
+    sample_field_at,
     upsample_normalised,
     warp_image,
 )
@@ -176,25 +179,142 @@ def _as_settings(params) -> Settings:
     raise TypeError(f"params must be None, a path, a parameter map or Settings, got {type(params).__name__}")
 
 
-def _init_fields(init, target: Image, source: Image, settings: Settings, device) -> tuple:
-    """Forward/backward normalised fields on the first level's grid from a user field."""
+def is_model_init(init) -> bool:
+    """Whether ``init`` names a DRN (a model file ``*.pt``, ``"drn"`` or a loaded model)."""
+    from .network import DrnModel
+
+    if isinstance(init, DrnModel):
+        return True
+    return isinstance(init, (str, os.PathLike)) and (str(init) == "drn" or str(init).endswith(".pt"))
+
+
+def _init_fields(init, source: Image, target: Image, work_geometry: Geometry, settings: Settings,
+                 device) -> tuple:
+    """Forward/backward normalised fields on the first level's grid, and a note for the report.
+
+    ``init`` is a DRN (model file, ``"drn"`` or a loaded model: its two predicted fields), or
+    a forward field (path or ``(displacement_lps_mm, Geometry)``: the backward field starts as
+    its numerical inverse).
+    """
     if init is None:
-        return None, None
+        return None, None, None
+    first = work_geometry.shrink(settings.pyramid_schedule[0])
+    if is_model_init(init):
+        from .network import DrnModel, field_onto_grid, load_model
+
+        clock = time.perf_counter()
+        model = init if isinstance(init, DrnModel) else load_model(init)
+        forward_n, backward_n, grid = model.predict_normalised(source, target)
+        # Through LPS mm: the working grid may have another orientation or field of view than
+        # the DRN's internal grid (which spans the target's).
+        on_first = [lps_mm_to_normalised(field_onto_grid(torch.from_numpy(normalised_to_lps_mm(f, grid))
+                                                         .permute(3, 0, 1, 2)[None], grid, first), first, device)
+                    for f in (forward_n, backward_n)]
+        note = {"kind": "drn", "model": str(getattr(model, "path", None) or init),
+                "seconds": round(time.perf_counter() - clock, 3)}
+        return on_first[0], (on_first[1] if settings.bidirectional else None), note
     from . import io
 
+    note = {"kind": "field", "field": str(init) if isinstance(init, (str, os.PathLike)) else "in memory"}
     if isinstance(init, (str, os.PathLike)):
         init = io.read_displacement(init)
     displacement, geometry = init
-    u_mm = resample_field(displacement, geometry, target.geometry)
-    forward = lps_mm_to_normalised(u_mm, target.geometry, device)
-    first = target.geometry.shrink(settings.pyramid_schedule[0])
+    u_mm = resample_field(displacement, geometry, work_geometry)
+    forward = lps_mm_to_normalised(u_mm, work_geometry, device)
     forward = upsample_normalised(forward, first.shape)
-    return forward, (invert_normalised(forward) if settings.bidirectional else None)
+    return forward, (invert_normalised(forward) if settings.bidirectional else None), note
+
+
+MaskLike = Union[Image, str, os.PathLike, None]
+
+
+def _mask(value: MaskLike, image: Image, role: str) -> Image | None:
+    """A validated {0, 1} mask on ``image``'s grid (see :func:`combireg.preprocess.check_mask`)."""
+    if value is None:
+        return None
+    from .preprocess import load_mask
+
+    return load_mask(value, image.geometry, role=role)
+
+
+def working_geometry(target_geometry: Geometry, settings: Settings) -> Geometry:
+    """The grid the field is optimised on: the target's, reoriented and/or resampled as asked."""
+    if settings.working_orientation == "none" and settings.working_spacing <= 0:
+        return target_geometry
+    from .preprocess import reorient_geometry, spacing_geometry
+
+    geometry = target_geometry
+    if settings.working_orientation != "none":
+        geometry = reorient_geometry(geometry, settings.working_orientation)
+    if settings.working_spacing > 0:
+        geometry = spacing_geometry(geometry, settings.working_spacing)
+    return geometry
+
+
+@dataclass
+class _Prepared:
+    """Inputs of the optimiser in working space, and how they got there."""
+
+    source: torch.Tensor  # (1, C, Z, Y, X) normalised source in working space
+    target: torch.Tensor  # (1, C, Z, Y, X) normalised target on the working grid
+    target_mask: torch.Tensor | None
+    source_mask: torch.Tensor | None
+    geometry: Geometry  # the working grid
+    affine: np.ndarray | None  # 4x4, target LPS mm -> source LPS mm (pre-alignment)
+    seconds: dict
+    notes: dict
+
+
+def _prepare(source: Image, target: Image, source_mask: Image | None, target_mask: Image | None,
+             settings: Settings, device: str) -> _Prepared:
+    """Preprocessing inside ``register``: N4, pre-alignment, working grid, normalisation, masks."""
+    seconds: dict[str, float] = {}
+    notes: dict = {"bias_field_correction": settings.bias_field_correction, "pre_alignment": settings.pre_alignment,
+                   "working_orientation": settings.working_orientation, "working_spacing": settings.working_spacing,
+                   "target_mask": target_mask is not None, "source_mask": source_mask is not None}
+    clock = time.perf_counter()
+    if settings.bias_field_correction:
+        from .preprocess import n4_bias_correction
+
+        # Intensities for the similarity only: the warped outputs keep the original ones.
+        source = n4_bias_correction(source, mask=source_mask)
+        target = n4_bias_correction(target, mask=target_mask)
+        seconds["bias_field_correction"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+    affine = None
+    if settings.pre_alignment != "none":
+        from .preprocess import prealign
+
+        affine = prealign(source, target, kind=settings.pre_alignment, source_mask=source_mask,
+                          target_mask=target_mask)
+        notes["affine_target_to_source_lps_mm"] = affine.tolist()
+        seconds["pre_alignment"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+    geometry = working_geometry(target.geometry, settings)
+    notes["working_grid"] = geometry.to_dict()
+    source_norm = normalise_intensities(source, settings.normalization_percentiles, role="source")
+    target_norm = normalise_intensities(target, settings.normalization_percentiles, role="target")
+
+    def into_working_space(image: Image | None, is_source: bool) -> torch.Tensor | None:
+        if image is None:
+            return None
+        if is_source and affine is not None:
+            moved = warp_image(image, geometry, affine_displacement(affine, geometry))
+        else:
+            moved = resample_image(image, geometry)
+        return moved.data[None].to(device)
+
+    prepared = _Prepared(into_working_space(source_norm, True), into_working_space(target_norm, False),
+                         into_working_space(target_mask, False), into_working_space(source_mask, True),
+                         geometry, affine, seconds, notes)
+    seconds["resampling"] = time.perf_counter() - clock
+    return prepared
 
 
 def register(source: ImageLike, target: ImageLike, params: Settings | ParamMap | str | os.PathLike | None = None,
              init=None, *, device: str = "cpu", callback: Callable[[dict], None] | None = None,
-             max_memory_bytes: int | None = None) -> Result:
+             max_memory_bytes: int | None = None, target_mask: MaskLike = None,
+             source_mask: MaskLike = None) -> Result:
     """Register ``source`` to ``target`` by instance optimisation of the paper's loss.
 
     Parameters
@@ -203,14 +323,27 @@ def register(source: ImageLike, target: ImageLike, params: Settings | ParamMap |
         The two subjects; the same number of channels on both sides. The source may lie on
         another grid or orientation: it is resampled into target space in world coordinates.
     params : Settings, parameter map, path to an elastix-syntax file, or None (defaults)
-    init : path to a displacement field, or (displacement_lps_mm, Geometry), optional
-        Initial forward field (our convention); the backward field starts as its inverse.
+    init : optional
+        A DRN (a model file ``*.pt`` from ``combireg train``, ``"drn"`` for the shipped model, or a
+        loaded :class:`combireg.network.DrnModel`) whose predicted forward and backward fields
+        start the optimisation (``MaximumNumberOfIterations 0``: the DRN alone); or an initial
+        forward field (path to a displacement field in our convention, or
+        ``(displacement_lps_mm, Geometry)``), the backward field starting as its inverse.
     device : str
         ``"cpu"`` (default) or ``"cuda"``.
     callback : callable, optional
         Receives a dict after every iteration (for progress bars).
     max_memory_bytes : int, optional
         Refuse to start if the estimated peak exceeds this (default: available memory).
+    target_mask, source_mask : Image or path, optional
+        Binary masks on the grid of their image (brain or region of interest): only voxels
+        inside both (the source's carried along by the field) count in the similarity. Used by
+        the pre-alignment too.
+
+    Preprocessing follows the settings' ``BiasFieldCorrection`` (N4), ``PreAlignment``
+    (rigid/affine with itk-elastix, composed into the result's fields), ``WorkingOrientation``
+    and ``WorkingSpacing`` (the grid the field is optimised on); the result is always on the
+    target's own grid.
 
     Returns
     -------
@@ -230,7 +363,21 @@ def register(source: ImageLike, target: ImageLike, params: Settings | ParamMap |
     if source_img.num_channels != target_img.num_channels:
         raise CombiregError(f"source has {source_img.num_channels} channel(s) but target has "
                             f"{target_img.num_channels}; give the same count on both sides")
-    needed = estimate_memory_bytes(target_img.geometry, source_img.geometry, target_img.num_channels, settings)
+    target_mask_img = _mask(target_mask, target_img, "target")
+    source_mask_img = _mask(source_mask, source_img, "source")
+    if is_model_init(init):
+        from .network import DrnModel, load_model
+
+        # Load and check the model before any expensive preprocessing.
+        init = init if isinstance(init, DrnModel) else load_model(init)
+        if init.channels != target_img.num_channels:
+            raise CombiregError(f"the images have {target_img.num_channels} channel(s) but the DRN model "
+                                f"{init.path or ''} was trained on {init.channels}")
+    if init is not None and settings.pre_alignment != "none":
+        raise CombiregError(f"PreAlignment {settings.pre_alignment!r} and an initial field both given; the initial "
+                            f"field already says where the source lies (use PreAlignment \"none\")")
+    needed = estimate_memory_bytes(working_geometry(target_img.geometry, settings), source_img.geometry,
+                                   target_img.num_channels, settings)
     limit = available_memory_bytes() if max_memory_bytes is None else int(max_memory_bytes)
     if needed > limit:
         raise CombiregError(f"this registration needs about {needed / 2**30:.1f} GiB but only "
@@ -238,32 +385,40 @@ def register(source: ImageLike, target: ImageLike, params: Settings | ParamMap |
                             f"or smaller images")
     if settings.num_threads > 0:
         torch.set_num_threads(settings.num_threads)
-    source_norm = normalise_intensities(source_img, settings.normalization_percentiles, role="source")
-    target_norm = normalise_intensities(target_img, settings.normalization_percentiles, role="target")
-    source_in_target = resample_image(source_norm, target_img.geometry)
-    init_f, init_b = _init_fields(init, target_img, source_img, settings, device)
+    prepared = _prepare(source_img, target_img, source_mask_img, target_mask_img, settings, device)
+    init_f, init_b, init_note = _init_fields(init, source_img, target_img, prepared.geometry, settings, device)
     t_prep = time.perf_counter() - start
 
-    fields = optimise_fields(source_in_target.data[None].to(device), target_norm.data[None].to(device),
-                             target_img.geometry, settings, init_forward=init_f, init_backward=init_b,
-                             callback=callback)
+    fields = optimise_fields(prepared.source, prepared.target, prepared.geometry, settings,
+                             init_forward=init_f, init_backward=init_b, target_mask=prepared.target_mask,
+                             source_mask=prepared.source_mask, callback=callback)
     t_opt = time.perf_counter() - start - t_prep
-    result = _finish(fields, source_img, target_img, settings)
-    result.report = _report(result, fields, settings, device, source_img, target_img,
-                            {"preparation": t_prep, "optimisation": t_opt,
-                             "total": time.perf_counter() - start})
+    result = _finish(fields, source_img, target_img, prepared, settings)
+    seconds = {**prepared.seconds, "preparation": t_prep, "optimisation": t_opt,
+               "total": time.perf_counter() - start}
+    result.report = _report(result, fields, settings, device, source_img, target_img, seconds)
+    result.report["preprocessing"] = prepared.notes
+    result.report["init"] = init_note
     return result
 
 
-def _finish(fields: FieldPair, source: Image, target: Image, settings: Settings) -> Result:
-    full_shape = target.geometry.shape
-    forward = upsample_normalised(fields.forward, full_shape)
-    backward = upsample_normalised(fields.backward, full_shape)
-    u_mm = normalised_to_lps_mm(forward, target.geometry)
-    v_mm_target_grid = normalised_to_lps_mm(backward, target.geometry)
-    # The backward field was optimised in target space; its points are world points, so putting
-    # it on the source grid is a plain world-coordinate resampling of the vectors.
-    v_mm = resample_field(v_mm_target_grid, target.geometry, source.geometry)
+def _finish(fields: FieldPair, source: Image, target: Image, prepared: _Prepared, settings: Settings) -> Result:
+    """Fields in LPS mm on the target grid (forward) and the source grid (inverse), and the warp."""
+    work = prepared.geometry
+    u_work = normalised_to_lps_mm(upsample_normalised(fields.forward, work.shape), work)
+    w_work = normalised_to_lps_mm(upsample_normalised(fields.backward, work.shape), work)
+    u_mm = resample_field(u_work, work, target.geometry)
+    if prepared.affine is None:
+        # The backward field was optimised in target space; its points are world points, so
+        # putting it on the source grid is a plain world-coordinate resampling of the vectors.
+        v_mm = resample_field(w_work, work, source.geometry)
+    else:
+        # Optimised space = target space with the source pulled back through A. Forward:
+        # x -> A(x + u(x)). Backward: a source point s lies at A^-1 s in that space, which the
+        # backward field w sends to A^-1 s + w(A^-1 s).
+        u_mm = compose_affine(prepared.affine, u_mm, target.geometry)
+        to_optimised = affine_displacement(np.linalg.inv(prepared.affine), source.geometry)
+        v_mm = to_optimised + sample_field_at(w_work, work, source.geometry, to_optimised)
     warped = warp_image(source, target.geometry, u_mm)
     return Result(u_mm, target.geometry, v_mm, source.geometry, warped, settings)
 

@@ -57,6 +57,24 @@ ParamMap = dict[str, tuple[str, ...]]
 METRICS: tuple[str, ...] = ("MSE", "NCC", "GlobalNCC")
 #: Optimisers the ``Optimizer`` key accepts.
 OPTIMIZERS: tuple[str, ...] = ("Adam",)
+#: Pre-alignment before the deformable optimisation (itk-elastix), composed into the field.
+PRE_ALIGNMENTS: tuple[str, ...] = ("none", "rigid", "affine")
+
+
+def _orientation_codes() -> tuple[str, ...]:
+    """The 48 three-letter codes (nibabel style: the directions the i, j, k axes point to)."""
+    import itertools
+
+    pairs = ("LR", "PA", "IS")
+    codes = []
+    for order in itertools.permutations(range(3)):
+        for letters in itertools.product(*(pairs[a] for a in order)):
+            codes.append("".join(letters))
+    return tuple(sorted(codes))
+
+
+#: Working-grid orientations: "none" keeps the target's voxel axes.
+ORIENTATIONS: tuple[str, ...] = ("none",) + _orientation_codes()
 #: Most metrics one run may combine.
 MAX_METRICS = 4
 #: How far the metric weights may sum away from 1 (they are usually written as decimals).
@@ -172,6 +190,31 @@ SCHEMA: tuple[KeySpec, ...] = (
         "Weight of the penalty that couples the forward and backward transforms, >= 0 "
         "(used when Bidirectional is true).",
         minimum=0.0,
+    ),
+    KeySpec(
+        "PreAlignment", "str", "1", ("none",),
+        "Rigid or affine pre-alignment of the source to the target with itk-elastix before the "
+        "deformable optimisation: \"none\", \"rigid\" or \"affine\". The affine is composed into the "
+        "written fields (still one field on the target grid, target x -> source x + u(x)).",
+        choices=PRE_ALIGNMENTS,
+    ),
+    KeySpec(
+        "BiasFieldCorrection", "bool", "1", ("false",),
+        "N4 bias-field correction (ITK) of both images before registration (\"true\" or \"false\"); "
+        "warped outputs keep the original intensities.",
+    ),
+    KeySpec(
+        "WorkingSpacing", "float", "1", ("0",),
+        "Isotropic spacing in mm of the grid the field is optimised on (covering the target); 0 = the "
+        "target's own grid. The fields are resampled onto the target grid at the end.",
+        minimum=0.0,
+    ),
+    KeySpec(
+        "WorkingOrientation", "str", "1", ("none",),
+        "Orientation of the working grid's voxel axes, a code such as \"RAS\" or \"LPS\" (the directions "
+        "the axes point to), or \"none\" for the target's own; matters for anisotropic NCC windows and "
+        "pyramid factors, never for the world-space result's convention.",
+        choices=ORIENTATIONS,
     ),
     KeySpec(
         "Seed", "int", "1", ("0",),
@@ -454,6 +497,10 @@ class Settings:
     seed: int
     normalization_percentiles: tuple[float, float]
     num_threads: int
+    pre_alignment: str = "none"
+    bias_field_correction: bool = False
+    working_spacing: float = 0.0
+    working_orientation: str = "none"
     source: str = field(default="<defaults>", compare=False)
 
     def to_parameter_map(self) -> ParamMap:
@@ -470,6 +517,10 @@ class Settings:
         pm["Optimizer"] = (self.optimizer,)
         pm["Bidirectional"] = ("true" if self.bidirectional else "false",)
         pm["InverseConsistencyWeight"] = (_fmt_float(self.inverse_consistency_weight),)
+        pm["PreAlignment"] = (self.pre_alignment,)
+        pm["BiasFieldCorrection"] = ("true" if self.bias_field_correction else "false",)
+        pm["WorkingSpacing"] = (_fmt_float(self.working_spacing),)
+        pm["WorkingOrientation"] = (self.working_orientation,)
         pm["Seed"] = (str(int(self.seed)),)
         pm["NormalizationPercentiles"] = tuple(_fmt_float(v) for v in self.normalization_percentiles)
         pm["NumberOfThreads"] = (str(int(self.num_threads)),)
@@ -775,6 +826,10 @@ def settings_from_map(pm: Mapping[str, Sequence[str]], *, source: str | None = N
         seed=_single(typed, "Seed", loc),
         normalization_percentiles=_values(typed, "NormalizationPercentiles", loc),
         num_threads=_single(typed, "NumberOfThreads", loc),
+        pre_alignment=_single(typed, "PreAlignment", loc),
+        bias_field_correction=_single(typed, "BiasFieldCorrection", loc),
+        working_spacing=float(_single(typed, "WorkingSpacing", loc)),
+        working_orientation=_single(typed, "WorkingOrientation", loc),
         source=source,
         **per_level,
     )
@@ -818,3 +873,274 @@ def default_parameter_text() -> str:
     :func:`default_settings`.
     """
     return _DEFAULT_HEADER + "\n" + format_parameter_map(default_parameter_map(), comments=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Training parameters of the DRN (``combireg train -p params/drn_train.txt``)
+# --------------------------------------------------------------------------------------------
+# The same syntax, parser and error messages as the registration parameters, with a schema of
+# its own: the loss keys of Eq. 1 (one value each, the network has no pyramid) plus the
+# training keys. Two count rules exist only here: "xyz" (exactly 3 values) and "features"
+# (1 to MAX_NETWORK_LEVELS values).
+
+#: Most encoder levels of the DRN (``NetworkFeatures`` values).
+MAX_NETWORK_LEVELS = 6
+
+TRAINING_SCHEMA: tuple[KeySpec, ...] = (
+    _SPECS["Metric"],
+    _SPECS[WEIGHT_KEY],
+    KeySpec(
+        "NCCWindowSize", "int", "1", ("5",),
+        "Side length in voxels (of the internal grid) of the cubic local NCC window, odd and >= 3.",
+        minimum=3, odd=True,
+    ),
+    KeySpec(
+        "RegularizationWeight", "float", "1", ("0.3",),
+        "lambda of the diffusion regulariser lambda * (|grad u_st|^2 + |grad u_ts|^2), >= 0 (one value: "
+        "the network predicts on one grid).",
+        minimum=0.0,
+    ),
+    KeySpec(
+        "LearningRate", "float", "1", ("0.0001",),
+        "Adam learning rate, > 0 (the paper: 1e-4).",
+        minimum=0.0, minimum_exclusive=True,
+    ),
+    _SPECS["Optimizer"],
+    KeySpec(
+        "NumberOfEpochs", "int", "1", ("50",),
+        "Passes over the training cases, >= 1.",
+        minimum=1,
+    ),
+    KeySpec(
+        "BatchSize", "int", "1", ("1",),
+        "Pairs per optimiser step, >= 1.",
+        minimum=1,
+    ),
+    KeySpec(
+        "ValidationFraction", "float", "1", ("0.1",),
+        "Fraction of the cases held out for validation (the kept model has the lowest validation loss), "
+        "0 to 0.5.",
+        minimum=0.0, maximum=0.5,
+    ),
+    KeySpec(
+        "TestFraction", "float", "1", ("0.1",),
+        "Fraction of the cases held out as a test set (never trained or selected on; its loss is "
+        "reported at the end), 0 to 0.5.",
+        minimum=0.0, maximum=0.5,
+    ),
+    KeySpec(
+        "InternalGridSize", "int", "xyz", ("48", "56", "48"),
+        "Voxels x y z of the fixed grid the network sees: the target's field of view resampled (the "
+        "source is resampled into target space first), each >= 8.",
+        minimum=8, maximum=512,
+    ),
+    KeySpec(
+        "NetworkFeatures", "int", "features", ("8", "16", "32", "32"),
+        f"Feature channels of the U-Net's encoder levels, finest first (1 to {MAX_NETWORK_LEVELS} "
+        "levels; each level halves the resolution).",
+        minimum=1, maximum=256,
+    ),
+    KeySpec(
+        "Augmentation", "bool", "1", ("true",),
+        "Random left-right flips of the internal grid's x axis and small per-channel intensity gamma "
+        "changes of the training pairs, drawn anew every epoch (\"true\" or \"false\").",
+    ),
+    KeySpec(
+        "KeepBest", "bool", "1", ("true",),
+        "Write the epoch with the lowest validation loss (\"true\") or the last epoch (\"false\").",
+    ),
+    _SPECS["Seed"],
+    _SPECS["NormalizationPercentiles"],
+    _SPECS["NumberOfThreads"],
+)
+
+_TRAINING_SPECS: dict[str, KeySpec] = {spec.name: spec for spec in TRAINING_SCHEMA}
+_TRAINING_COUNTS = {
+    "xyz": (3, 3, "exactly 3 values (x y z)"),
+    "features": (1, MAX_NETWORK_LEVELS, f"1 to {MAX_NETWORK_LEVELS} values"),
+}
+
+
+def _training_spec_for(key: str) -> KeySpec | None:
+    if key in _TRAINING_SPECS and key != WEIGHT_KEY:
+        return _TRAINING_SPECS[key]
+    if _WEIGHT_RE.match(key):
+        return _TRAINING_SPECS[WEIGHT_KEY]
+    return None
+
+
+def _check_training_key(key: str, spec: KeySpec, raw: Sequence[str], loc: _Locator) -> tuple:
+    if spec.count not in _TRAINING_COUNTS:
+        return _check_key(key, spec, raw, loc)
+    low, high, wording = _TRAINING_COUNTS[spec.count]
+    if not low <= len(raw) <= high:
+        raise loc.error(key, f"{key} expects {wording}, got {len(raw)}")
+    values = []
+    for index, text in enumerate(raw):
+        value = _convert_value(spec, text)
+        if value is None:
+            which = f" (value {index + 1})" if len(raw) > 1 else ""
+            raise loc.error(key, f"{key} expects {_expectation(spec)}, got {text!r}{which}")
+        values.append(value)
+    return tuple(values)
+
+
+def _training_typed(pm: Mapping[str, Sequence[str]], loc: _Locator) -> dict[str, tuple]:
+    order = sorted(pm, key=lambda k: loc.lines.get(k, 0))
+    known = [s.name for s in TRAINING_SCHEMA if s.name != WEIGHT_KEY] + [_weight_key(i) for i in range(MAX_METRICS)]
+    for key in order:
+        if _training_spec_for(key) is None:
+            match = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {match[0]!r}?)" if match else ""
+            note = " (a registration key; DRN training files take the training keys)" if _spec_for(key) else ""
+            raise loc.error(key, f"unknown key {key!r}{hint or note}")
+    return {key: _check_training_key(key, _training_spec_for(key), tuple(pm[key]), loc) for key in order}
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Validated DRN training parameters (see :data:`TRAINING_SCHEMA`).
+
+    ``internal_size`` is x y z (ITK order, as written in the file); ``source`` does not take
+    part in comparisons.
+    """
+
+    metrics: tuple[str, ...]
+    metric_weights: tuple[float, ...]
+    ncc_window: int
+    regularization_weight: float
+    learning_rate: float
+    optimizer: str
+    epochs: int
+    batch_size: int
+    validation_fraction: float
+    test_fraction: float
+    internal_size: tuple[int, int, int]
+    features: tuple[int, ...]
+    augmentation: bool
+    keep_best: bool
+    seed: int
+    normalization_percentiles: tuple[float, float]
+    num_threads: int
+    source: str = field(default="<defaults>", compare=False)
+
+    @property
+    def internal_shape(self) -> tuple[int, int, int]:
+        """The internal grid as an array shape (Z, Y, X)."""
+        return tuple(reversed(self.internal_size))
+
+    def to_parameter_map(self) -> ParamMap:
+        """Every key, resolved: ``combireg train -p`` with this map reproduces the training."""
+        pm: ParamMap = {"Metric": tuple(self.metrics)}
+        for i, weight in enumerate(self.metric_weights):
+            pm[_weight_key(i)] = (_fmt_float(weight),)
+        pm["NCCWindowSize"] = (str(int(self.ncc_window)),)
+        pm["RegularizationWeight"] = (_fmt_float(self.regularization_weight),)
+        pm["LearningRate"] = (_fmt_float(self.learning_rate),)
+        pm["Optimizer"] = (self.optimizer,)
+        pm["NumberOfEpochs"] = (str(int(self.epochs)),)
+        pm["BatchSize"] = (str(int(self.batch_size)),)
+        pm["ValidationFraction"] = (_fmt_float(self.validation_fraction),)
+        pm["TestFraction"] = (_fmt_float(self.test_fraction),)
+        pm["InternalGridSize"] = tuple(str(int(v)) for v in self.internal_size)
+        pm["NetworkFeatures"] = tuple(str(int(v)) for v in self.features)
+        pm["Augmentation"] = ("true" if self.augmentation else "false",)
+        pm["KeepBest"] = ("true" if self.keep_best else "false",)
+        pm["Seed"] = (str(int(self.seed)),)
+        pm["NormalizationPercentiles"] = tuple(_fmt_float(v) for v in self.normalization_percentiles)
+        pm["NumberOfThreads"] = (str(int(self.num_threads)),)
+        return pm
+
+    def to_text(self) -> str:
+        """The resolved parameter file (elastix syntax)."""
+        return format_parameter_map(self.to_parameter_map())
+
+    def replace(self, **changes) -> "TrainingSettings":
+        """A copy with some fields changed, validated like a parameter file.
+
+        Raises
+        ------
+        CombiregError
+            If the result is not valid (message prefixed with ``TrainingSettings.replace``).
+        """
+        changed = dataclasses.replace(self, **changes)
+        pm = changed.to_parameter_map()
+        if changed.metrics != self.metrics and "metric_weights" not in changes:
+            for i in range(len(self.metric_weights)):
+                pm.pop(_weight_key(i), None)
+        validated = training_settings_from_map(pm, source="TrainingSettings.replace")
+        return dataclasses.replace(validated, source=changed.source)
+
+
+def training_settings_from_map(pm: Mapping[str, Sequence[str]], *, source: str | None = None) -> TrainingSettings:
+    """Validate a raw DRN training parameter map (missing keys take their defaults).
+
+    Raises
+    ------
+    CombiregError
+        ``SOURCE:LINE: ...`` as :func:`settings_from_map`.
+    """
+    if source is None:
+        source = getattr(pm, "source", "<string>")
+    loc = _Locator(pm, source)
+    typed = _training_typed(pm, loc)
+
+    def values(key: str) -> tuple:
+        if key in typed:
+            return typed[key]
+        spec = _TRAINING_SPECS[key]
+        return _check_training_key(key, spec, spec.default, loc)
+
+    metrics = values("Metric")
+    weights = _metric_weights(typed, metrics, loc)
+    validation, test = values("ValidationFraction")[0], values("TestFraction")[0]
+    if validation + test >= 1.0:
+        blame = max(("ValidationFraction", "TestFraction"), key=lambda k: loc.lines.get(k, 0))
+        raise loc.error(blame, f"ValidationFraction + TestFraction must be < 1, got {validation:g} + {test:g}")
+    return TrainingSettings(
+        metrics=metrics,
+        metric_weights=weights,
+        ncc_window=values("NCCWindowSize")[0],
+        regularization_weight=float(values("RegularizationWeight")[0]),
+        learning_rate=float(values("LearningRate")[0]),
+        optimizer=values("Optimizer")[0],
+        epochs=values("NumberOfEpochs")[0],
+        batch_size=values("BatchSize")[0],
+        validation_fraction=float(validation),
+        test_fraction=float(test),
+        internal_size=tuple(values("InternalGridSize")),
+        features=tuple(values("NetworkFeatures")),
+        augmentation=values("Augmentation")[0],
+        keep_best=values("KeepBest")[0],
+        seed=values("Seed")[0],
+        normalization_percentiles=tuple(float(v) for v in values("NormalizationPercentiles")),
+        num_threads=values("NumberOfThreads")[0],
+        source=source,
+    )
+
+
+def load_training_settings(path: str | os.PathLike | None = None) -> TrainingSettings:
+    """DRN training settings from a parameter file, or the defaults when ``path`` is None.
+
+    Raises
+    ------
+    CombiregError
+        If the file is missing, unreadable or invalid.
+    """
+    if path is None:
+        return default_training_settings()
+    return training_settings_from_map(read_parameter_file(path), source=os.fspath(path))
+
+
+def default_training_settings() -> TrainingSettings:
+    """The built-in DRN training defaults (``source == "<defaults>"``)."""
+    return training_settings_from_map({}, source="<defaults>")
+
+
+__all__ += [
+    "TRAINING_SCHEMA",
+    "TrainingSettings",
+    "training_settings_from_map",
+    "load_training_settings",
+    "default_training_settings",
+]

@@ -28,6 +28,9 @@ __all__ = [
     "invert_normalised",
     "jacobian_determinant",
     "gradient_scale",
+    "affine_displacement",
+    "compose_affine",
+    "sample_field_at",
 ]
 
 
@@ -175,3 +178,46 @@ def jacobian_determinant(displacement_lps_mm: np.ndarray, geometry: Geometry) ->
     return (jac[0][0] * (jac[1][1] * jac[2][2] - jac[1][2] * jac[2][1])
             - jac[0][1] * (jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0])
             + jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0]))
+
+
+def affine_displacement(matrix: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """The dense field ``u(x) = A x - x`` (LPS mm, (Z, Y, X, 3) float32) of a 4x4 affine on a grid.
+
+    ``matrix`` maps a point of this grid's space to its counterpart (for pre-alignment: target
+    point -> source point, the direction of every displacement field here).
+    """
+    matrix = _check_affine(matrix)
+    points = geometry.world_grid()
+    moved = points @ matrix[:3, :3].T + matrix[:3, 3]
+    return (moved - points).astype(np.float32)
+
+
+def compose_affine(matrix: np.ndarray, displacement_lps_mm: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Field of ``x -> A (x + u(x))``: a deformation on ``geometry`` followed by an affine.
+
+    Used when a deformable field was optimised after an affine pre-alignment: the result is
+    again one field on the same grid, target x -> source ``A (x + u(x))``.
+    """
+    matrix = _check_affine(matrix)
+    points = geometry.world_grid()
+    deformed = points + np.asarray(displacement_lps_mm, dtype=np.float64)
+    return (deformed @ matrix[:3, :3].T + matrix[:3, 3] - points).astype(np.float32)
+
+
+def sample_field_at(displacement_lps_mm: np.ndarray, field_geometry: Geometry, geometry: Geometry,
+                    offset_lps_mm: np.ndarray) -> np.ndarray:
+    """Values of a field (on ``field_geometry``) at the points ``x + d(x)`` of another grid.
+
+    ``offset_lps_mm`` is d, (Z, Y, X, 3) on ``geometry``; outside the field's grid the border
+    value is used. Returns (Z, Y, X, 3) float32 on ``geometry``.
+    """
+    data = torch.as_tensor(np.asarray(displacement_lps_mm, dtype=np.float32)).permute(3, 0, 1, 2)
+    sampled = warp_image(Image(data, field_geometry), geometry, offset_lps_mm, padding_mode="border")
+    return sampled.data.permute(1, 2, 3, 0).numpy()
+
+
+def _check_affine(matrix: np.ndarray) -> np.ndarray:
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.shape != (4, 4) or not np.allclose(matrix[3], (0, 0, 0, 1)):
+        raise ValueError(f"expected a 4x4 homogeneous affine matrix, got shape {matrix.shape}")
+    return matrix

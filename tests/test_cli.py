@@ -1,5 +1,6 @@
 """`combireg run` end to end on data_samples/, and every bad input: one line, exit 2, nothing written."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,3 +176,58 @@ def test_params_commands():
     assert res.exit_code == 0 and "OK" in res.output
     res = invoke("params", "defaults")
     assert res.exit_code == 0 and "(Metric \"MSE\" \"NCC\")" in res.output
+
+
+def test_run_with_masks_and_bad_masks(tmp_path, fast_params):
+    from combireg import Geometry
+
+    target = io.read_image(CASE / "target_t1.nii.gz")
+    source = io.read_image(CASE / "source_t1.nii.gz")
+    brain_t = _write(tmp_path / "brain_t.nii.gz", (target.numpy()[0] > 0).astype(np.uint8), target.geometry)
+    brain_s = _write(tmp_path / "brain_s.nii.gz", (source.numpy()[0] > 0).astype(np.uint8), source.geometry)
+    out = tmp_path / "out"
+    res = invoke("run", SRC, TGT, "-o", out, "-p", fast_params, "-q", "--target-mask", brain_t, "--source-mask", brain_s)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["preprocessing"]["target_mask"] and report["preprocessing"]["source_mask"]
+
+    g = target.geometry
+    shifted = Geometry(g.size, tuple(np.add(g.origin, 5.0)), g.spacing, g.direction)
+    other_grid = _write(tmp_path / "other.nii.gz", np.ones(g.shape, np.uint8), shifted)
+    empty = _write(tmp_path / "empty.nii.gz", np.zeros(g.shape, np.uint8), g)
+    for option, mask, message in [("--target-mask", other_grid, "grid"), ("--target-mask", empty, "empty"),
+                                  ("--source-mask", tmp_path / "missing.nii.gz", "missing.nii.gz")]:
+        bad_out = tmp_path / f"bad{option}{Path(str(mask)).name}"
+        res = CliRunner().invoke(main, ["run", SRC, TGT, "-o", str(bad_out), "-p", fast_params, "-q", option, str(mask)])
+        assert res.exit_code == 2, res.output
+        assert len(res.output.strip().splitlines()) == 1 and message in res.output
+        assert not bad_out.exists()
+
+
+def test_run_with_a_drn_init_end_to_end(tmp_path, fast_params):
+    from combireg.network import DrnModel, RegistrationUNet, save_model
+
+    model = tmp_path / "tiny.pt"
+    save_model(DrnModel(RegistrationUNet(channels=2, features=(4, 8)), internal_shape=(12, 14, 12)), model)
+    out = tmp_path / "out"
+    res = invoke("run", SRC, TGT, "-o", out, "-p", fast_params, "-q", "--init", model)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["init"]["kind"] == "drn" and report["init"]["seconds"] > 0
+    # DRN alone: zero iterations give the network's own field (an untrained net: about the identity)
+    alone = tmp_path / "alone.txt"
+    alone.write_text("(NumberOfResolutions 1)\n(ImagePyramidSchedule 2 2 2)\n(MaximumNumberOfIterations 0)\n")
+    res = invoke("run", SRC, TGT, "-o", tmp_path / "alone", "-p", alone, "-q", "--init", model)
+    assert res.exit_code == 0, res.output
+    field, _ = io.read_displacement(tmp_path / "alone" / "field.nii.gz")
+    assert np.abs(field).max() < 2.0
+    # bad model files and channel mismatch: one line, exit 2, nothing written
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a model at all")
+    for src, tgt, init, message in [(SRC, TGT, garbage, "garbage.pt"),
+                                    (f"{CASE}/source_t1.nii.gz", f"{CASE}/target_t1.nii.gz", model, "channel")]:
+        bad_out = tmp_path / "bad"
+        res = CliRunner().invoke(main, ["run", src, tgt, "-o", str(bad_out), "-p", fast_params, "-q", "--init", str(init)])
+        assert res.exit_code == 2, res.output
+        assert len(res.output.strip().splitlines()) == 1 and message in res.output
+        assert not bad_out.exists()

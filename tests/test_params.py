@@ -396,7 +396,8 @@ def test_default_parameter_map_lists_every_key():
     assert list(pm) == [
         "Metric", "Metric0Weight", "Metric1Weight", "NCCWindowSize", "RegularizationWeight",
         "NumberOfResolutions", "ImagePyramidSchedule", "MaximumNumberOfIterations",
-        "LearningRate", "Optimizer", "Bidirectional", "InverseConsistencyWeight", "Seed",
+        "LearningRate", "Optimizer", "Bidirectional", "InverseConsistencyWeight", "PreAlignment",
+        "BiasFieldCorrection", "WorkingSpacing", "WorkingOrientation", "Seed",
         "NormalizationPercentiles", "NumberOfThreads",
     ]
     assert pm["ImagePyramidSchedule"] == ("8", "8", "8", "4", "4", "4", "2", "2", "2")
@@ -498,7 +499,7 @@ def test_cli_check_default_preset(cli):
     result = _invoke(cli, "params", "check", path)
     assert result.exit_code == 0, result.output
     assert result.stdout == (
-        f"{path}: OK (15 keys; metrics MSE+NCC 0.5/0.5, 3 resolutions, iterations 150 80 30)\n"
+        f"{path}: OK (19 keys; metrics MSE+NCC 0.5/0.5, 3 resolutions, iterations 150 80 30)\n"
     )
 
 

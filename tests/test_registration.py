@@ -163,3 +163,101 @@ def test_memory_estimate_refuses_too_big(problem):
     source, target, _ = problem
     with pytest.raises(CombiregError, match="GiB but only"):
         register(source, target, _settings(), max_memory_bytes=1000)
+
+
+# ------------------------------------------------------------------ masks and preprocessing
+def _lesion_problem(side: str = "target"):
+    """Target = source shifted by a constant t everywhere, plus a bright ball with no counterpart
+    on one side; returns the mask (on that side's grid) that excludes the ball, and where the ball
+    lies in target space."""
+    from combireg import Geometry
+    from tests.conftest import oblique_direction
+
+    geometry = Geometry((30, 30, 24), origin=(5.0, -20.0, 12.0), spacing=(1.4, 1.3, 1.8),
+                        direction=tuple(oblique_direction().ravel()))
+    centre = geometry.world_grid().reshape(-1, 3).mean(0)
+    shift = np.array([1.5, -1.0, 1.2])
+    source = image_from_world_function(geometry, lambda p: smooth_pattern(p, centre))
+    target = image_from_world_function(geometry, lambda p: smooth_pattern(p + shift, centre))
+    ball_centre = centre + np.array([4.0, 3.0, -2.0])
+    ball = np.linalg.norm(geometry.world_grid() - ball_centre, axis=-1)
+    (target if side == "target" else source).data[0][torch.from_numpy(ball < 6.0)] = 2.5
+    # a 5 mm margin: the pyramid smooths the ball's edge outwards by a few mm
+    mask = Image(torch.from_numpy((ball >= 11.0).astype(np.float32))[None], geometry)
+    # target points x whose counterpart (x, or x + t on the source side) lies in the ball
+    inside = ball < 6.0 if side == "target" else \
+        np.linalg.norm(geometry.world_grid() + shift - ball_centre, axis=-1) < 6.0
+    return source, target, mask, shift, inside
+
+
+@pytest.mark.parametrize("side", ["target", "source"])
+def test_mask_keeps_a_lesion_from_pulling_the_field(side):
+    source, target, mask, shift, inside = _lesion_problem(side)
+    s = _settings(bidirectional=False, inverse_consistency_weight=0.0, regularization_weight=(1.0, 1.0))
+    plain = register(source, target, s)
+    masked = register(source, target, s, **{f"{side}_mask": mask})
+    err_plain = np.linalg.norm(plain.displacement_lps_mm - shift, axis=-1)[inside].mean()
+    err_masked = np.linalg.norm(masked.displacement_lps_mm - shift, axis=-1)[inside].mean()
+    assert err_masked < 0.35  # mm: inside the lesion the field follows its surroundings
+    assert err_masked < 0.5 * err_plain  # and the unmasked run was pulled by the lesion
+    assert masked.report["preprocessing"][f"{side}_mask"] is True
+
+
+def test_bad_masks_are_refused():
+    from combireg import Geometry
+
+    source, target, mask, _, _ = _lesion_problem()
+    s = _settings(iterations=(1, 1))
+    empty = Image(torch.zeros_like(mask.data), mask.geometry)
+    with pytest.raises(CombiregError, match="empty"):
+        register(source, target, s, target_mask=empty)
+    g = mask.geometry
+    elsewhere = Image(mask.data.clone(), Geometry(g.size, tuple(np.add(g.origin, 3.0)), g.spacing, g.direction))
+    with pytest.raises(CombiregError, match="grid"):
+        register(source, target, s, source_mask=elsewhere)
+
+
+def test_prealignment_is_composed_into_one_field():
+    """A rotated and shifted source: with PreAlignment the written field is the whole map."""
+    from combireg import Geometry
+
+    geometry = Geometry((36, 36, 30), origin=(-30.0, -28.0, -25.0), spacing=(1.7, 1.6, 2.0))
+    centre = geometry.world_grid().reshape(-1, 3).mean(0)
+    angle = np.deg2rad(10.0)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot
+    affine[:3, 3] = centre - rot @ centre + np.array([3.0, -2.0, 1.5])
+    blob = lambda p: smooth_pattern(p, centre) * np.exp(-((p - centre) ** 2).sum(-1) / (2 * 16.0 ** 2))  # noqa: E731
+    source = image_from_world_function(geometry, blob)
+    # target(x) = source(A x): the true forward field is A x - x
+    target = image_from_world_function(geometry, lambda p: blob(p @ rot.T + affine[:3, 3]))
+    truth = geometry.world_grid() @ rot.T + affine[:3, 3] - geometry.world_grid()
+    s = _settings(pre_alignment="rigid", bidirectional=False, inverse_consistency_weight=0.0,
+                  iterations=(40, 20))
+    res = register(source, target, s)
+    near = np.linalg.norm(geometry.world_grid() - centre, axis=-1) < 18.0
+    error = np.linalg.norm(res.displacement_lps_mm - truth, axis=-1)[near]
+    assert np.linalg.norm(truth, axis=-1)[near].mean() > 3.0  # not a small problem
+    assert error.mean() < 0.6
+    np.testing.assert_allclose(res.report["preprocessing"]["affine_target_to_source_lps_mm"], affine, atol=0.6)
+    # the inverse undoes the forward map where both are defined
+    from combireg.landmarks import sample_displacement
+
+    points = geometry.world_grid()[8:-8:4, 8:-8:4, 8:-8:4].reshape(-1, 3)
+    mapped = points + sample_displacement(res.displacement_lps_mm, geometry, points)
+    back = mapped + sample_displacement(res.inverse_displacement_lps_mm, res.source_geometry, mapped)
+    assert np.linalg.norm(back - points, axis=-1).mean() < 0.3
+    with pytest.raises(CombiregError, match="PreAlignment"):
+        register(source, target, s, init=(truth, geometry))
+
+
+def test_working_grid_result_is_on_the_target_grid(problem):
+    source, target, u_true = problem
+    res = register(source, target, _settings(working_spacing=2.0, working_orientation="RAS"))
+    assert res.target_geometry == target.geometry
+    assert res.displacement_lps_mm.shape == target.geometry.shape + (3,)
+    grid = res.report["preprocessing"]["working_grid"]
+    assert grid["spacing"] == pytest.approx([2.0, 2.0, 2.0])
+    error = np.linalg.norm(res.displacement_lps_mm - u_true, axis=-1)
+    assert _interior(error, 4).mean() < 0.5 * min(target.geometry.spacing)

@@ -1,0 +1,838 @@
+"""Training the DRN on the paper's loss (``combireg train``).
+
+The loss is Eq. 1 of the paper, the same as instance optimisation, per pair (S, T) on the
+internal grid with ``u_st = f(S, T)`` and ``u_ts = f(T, S)``::
+
+    L = sum_n w_n (Sim_n(S o (id + u_st), T) + Sim_n(T o (id + u_ts), S))
+        + lambda (|grad u_st|^2 + |grad u_ts|^2)
+
+with :func:`combireg.losses.weighted_similarity` and :func:`combireg.losses.gradient_regulariser`
+(dimensionless derivatives via :func:`combireg.warp.gradient_scale` of each pair's internal
+grid). Swapping source and target is built in: the loss is symmetric in (S, T), so every step
+trains both orders.
+
+Data are loaded once, normalised and resampled onto the internal grid, and kept in memory:
+a manifest of real cases (``id,source,target`` columns; other columns such as landmarks are
+ignored) or pairs simulated with :mod:`combireg.synth` (seeds from 10000 on, disjoint from the
+sample and benchmark cases). The cases are split train/validation/test (seeded, recorded);
+augmentation (left-right flips, intensity gamma) is drawn anew every epoch from
+``(Seed, epoch)``, so a resumed training is identical to an uninterrupted one.
+
+Files (``-o model.pt``): ``model.pt`` (the kept model, see :mod:`combireg.network`),
+``model.pt.ckpt`` (the latest epoch's full state for ``--resume``), ``model.loss.png`` (the loss
+curves). Each is written atomically (temporary file, then rename).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence, Union
+
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import CombiregError
+from .image import Image
+from .losses import gradient_regulariser, weighted_similarity
+from .network import (
+    DrnModel,
+    RegistrationUNet,
+    _first_line,
+    _plain,
+    _torch_load,
+    atomic_torch_save,
+    internal_geometry,
+    to_internal_grid,
+)
+from .optimize import normalise_intensities
+from .params import TrainingSettings, load_training_settings
+from .warp import gradient_scale, identity_grid, warp_normalised
+
+__all__ = [
+    "TrainingPair",
+    "TrainingData",
+    "TrainingSummary",
+    "SYNTH_SEED",
+    "pair_tensors",
+    "images_data",
+    "read_training_manifest",
+    "manifest_data",
+    "synth_data",
+    "split_cases",
+    "drn_loss",
+    "check_outputs",
+    "checkpoint_path",
+    "curve_path",
+    "train_drn",
+]
+
+log = logging.getLogger(__name__)
+
+#: Seed of the first simulated training pair: far from the sample (0, 1) and benchmark (100+) cases.
+SYNTH_SEED = 10000
+CHECKPOINT_FORMAT = "combireg-drn-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+_SYNTH_CACHE_FORMAT = "combireg-drn-synth-cache"
+#: Largest intensity gamma change of the augmentation: gamma in [exp(-0.2), exp(0.2)].
+_GAMMA_LOG_RANGE = 0.2
+#: Below this many internal voxels training runs on one thread (thread overhead dominates).
+_SINGLE_THREAD_VOXELS = 32 ** 3
+
+DataLike = Union["TrainingData", str, os.PathLike, int, Sequence[tuple[Image, Image]]]
+
+
+# ============================================================================ data
+@dataclass
+class TrainingPair:
+    """One (source, target) pair on its target's internal grid, intensities normalised."""
+
+    id: str
+    source: torch.Tensor  # (C, Z, Y, X)
+    target: torch.Tensor  # (C, Z, Y, X)
+    scale: torch.Tensor  # (3, 3) gradient_scale of the internal grid
+
+
+@dataclass
+class TrainingData:
+    """Pairs ready for training, all on internal grids of one shape."""
+
+    pairs: list
+    channels: int
+    internal_shape: tuple
+    normalization_percentiles: tuple
+    description: dict = field(default_factory=dict)
+
+    @property
+    def ids(self) -> list[str]:
+        return [p.id for p in self.pairs]
+
+    def fingerprint(self) -> str:
+        """sha256 of ids and voxel values: a checkpoint resumes only on the same data."""
+        digest = hashlib.sha256()
+        for pair in self.pairs:
+            digest.update(pair.id.encode())
+            for tensor in (pair.source, pair.target, pair.scale):
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+
+def pair_tensors(source: Image, target: Image, internal_shape: Sequence[int],
+                 percentiles: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalised source and target on the target's internal grid, and its gradient scale.
+
+    Exactly the preprocessing of :meth:`combireg.network.DrnModel.prepare` (training and
+    inference see the same inputs).
+
+    Returns
+    -------
+    source, target : Tensor, (C, Z, Y, X)
+    scale : Tensor, (3, 3)
+    """
+    grid = internal_geometry(target.geometry, internal_shape)
+    src = to_internal_grid(normalise_intensities(source, tuple(percentiles), role="source"), grid)
+    tgt = to_internal_grid(normalise_intensities(target, tuple(percentiles), role="target"), grid)
+    return src, tgt, gradient_scale(grid)
+
+
+def images_data(images: Sequence[tuple[Image, Image]], settings: TrainingSettings, *,
+                ids: Sequence[str] | None = None, description: dict | None = None) -> TrainingData:
+    """Training data from in-memory (source, target) image pairs.
+
+    Raises
+    ------
+    CombiregError
+        No pairs, or channel counts that differ between images.
+    """
+    if len(images) == 0:
+        raise CombiregError("no training pairs given")
+    ids = [f"pair{i:04d}" for i in range(len(images))] if ids is None else [str(i) for i in ids]
+    channels = images[0][0].num_channels
+    pairs = []
+    for case_id, (source, target) in zip(ids, images):
+        _check_channels(case_id, source, target, channels)
+        src, tgt, scale = pair_tensors(source, target, settings.internal_shape, settings.normalization_percentiles)
+        pairs.append(TrainingPair(case_id, src, tgt, scale))
+    return TrainingData(pairs, channels, settings.internal_shape, settings.normalization_percentiles,
+                        dict(description or {"kind": "images", "pairs": len(pairs)}))
+
+
+def _check_channels(case_id: str, source: Image, target: Image, channels: int) -> None:
+    if source.num_channels != target.num_channels:
+        raise CombiregError(f"{case_id}: source has {source.num_channels} channel(s) but target has "
+                            f"{target.num_channels}")
+    if source.num_channels != channels:
+        raise CombiregError(f"{case_id}: {source.num_channels} channel(s), but the first case has {channels}; all "
+                            "training cases need the same channels")
+
+
+def read_training_manifest(path: str | os.PathLike) -> list[tuple[str, list[Path], list[Path]]]:
+    """``(id, source files, target files)`` of each row of a manifest CSV.
+
+    The format of ``combireg evaluate`` (header with ``id,source,target``; channel files
+    comma-joined and CSV-quoted, relative to the manifest's folder); other columns are ignored.
+
+    Raises
+    ------
+    CombiregError
+        Missing file, missing columns, empty fields, duplicate ids, no rows (``FILE:LINE:``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CombiregError(f"{path}: no such manifest file")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CombiregError(f"{path}: cannot read manifest ({_first_line(exc)})") from None
+    reader = csv.DictReader(text.splitlines())
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in ("id", "source", "target") if c not in header]
+    if missing:
+        raise CombiregError(f"{path}: manifest lacks column(s) {', '.join(missing)} (header must contain id,source,target)")
+    root = path.parent.absolute()
+    rows, seen = [], set()
+    for lineno, raw in enumerate(reader, start=2):
+        row = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in raw.items()}
+        if not any(row.values()):
+            continue
+        empty = [c for c in ("id", "source", "target") if not row.get(c)]
+        if empty:
+            raise CombiregError(f"{path}:{lineno}: empty field(s) {', '.join(empty)}")
+        if row["id"] in seen:
+            raise CombiregError(f"{path}:{lineno}: duplicate case id {row['id']!r}")
+        seen.add(row["id"])
+        files = [[root / p.strip() for p in row[side].split(",") if p.strip()] for side in ("source", "target")]
+        rows.append((row["id"], files[0], files[1]))
+    if not rows:
+        raise CombiregError(f"{path}: manifest lists no cases")
+    return rows
+
+
+def manifest_data(manifest: str | os.PathLike, settings: TrainingSettings, *,
+                  progress: Callable[[str], None] | None = None) -> TrainingData:
+    """Load, normalise and resample every case of a manifest onto its internal grid (once).
+
+    Raises
+    ------
+    CombiregError
+        Manifest problems, unreadable images, channel mismatches, constant channels.
+    """
+    from . import io
+
+    rows = read_training_manifest(manifest)
+    for case_id, source, target in rows:  # all files first: fail before minutes of loading
+        for p in [*source, *target]:
+            if not p.is_file():
+                raise CombiregError(f"{manifest}: case {case_id}: no such file {p}")
+    pairs, channels = [], None
+    start = time.perf_counter()
+    for case_id, source_files, target_files in rows:
+        source = io.read_channels(source_files, role=f"{case_id} source")
+        target = io.read_channels(target_files, role=f"{case_id} target")
+        channels = source.num_channels if channels is None else channels
+        _check_channels(case_id, source, target, channels)
+        src, tgt, scale = pair_tensors(source, target, settings.internal_shape, settings.normalization_percentiles)
+        pairs.append(TrainingPair(case_id, src, tgt, scale))
+        del source, target
+        if progress is not None:
+            progress(case_id)
+    description = {"kind": "manifest", "manifest": str(Path(manifest).absolute()), "cases": len(pairs),
+                   "loading_s": round(time.perf_counter() - start, 2)}
+    return TrainingData(pairs, channels, settings.internal_shape, settings.normalization_percentiles, description)
+
+
+def synth_data(n: int, settings: TrainingSettings, *, seed: int = SYNTH_SEED, spacing: float = 3.0,
+               template=None, cache_dir: str | os.PathLike | None = None, template_cache=None,
+               progress: Callable[[str], None] | None = None) -> TrainingData:
+    """``n`` pairs simulated by :func:`combireg.synth.simulate_case` (seeds ``seed .. seed+n-1``).
+
+    The template is smoothed to the output spacing first (Gaussian, sigma = spacing / 2) so the
+    coarse simulated images are not aliased; the internal grid is coarse anyway. A simulated
+    pair costs about 2 s at 3 mm and 4.5 s at 2 mm on a 2-core CPU.
+
+    Parameters
+    ----------
+    n : int
+        Number of pairs, >= 1.
+    spacing : float
+        Isotropic spacing (mm) the pairs are simulated at.
+    template : (Image, Landmarks), optional
+        Two-channel template and its landmarks; default :func:`combireg.synth.fetch_template`.
+    cache_dir : path, optional
+        Folder keeping the prepared pairs (one ``.pt`` file per distinct request), so several
+        trainings on the same simulated data generate it once.
+    template_cache : path, optional
+        Where the template wheel is cached (see :func:`combireg.synth.fetch_template`).
+    """
+    from . import synth
+    from .filters import gaussian_blur
+
+    if n < 1:
+        raise CombiregError(f"--synth needs at least 1 pair, got {n}")
+    if not spacing > 0:
+        raise CombiregError(f"synthetic spacing must be positive, got {spacing}")
+    key = None
+    cache_file = None
+    if cache_dir is not None and template is None:
+        key = hashlib.sha256(json.dumps({
+            "n": n, "seed": seed, "spacing": spacing, "internal_shape": list(settings.internal_shape),
+            "percentiles": list(settings.normalization_percentiles), "combireg": __version__,
+            "template": synth.AUTOAFIDS_SHA256}, sort_keys=True).encode()).hexdigest()[:16]
+        cache_file = Path(cache_dir) / f"synth-{key}.pt"
+        cached = _read_synth_cache(cache_file, key)
+        if cached is not None:
+            log.info("simulated pairs from the cache %s", cache_file)
+            return cached
+    start = time.perf_counter()
+    if template is None:
+        template_image, afids = synth.fetch_template(template_cache)
+        template_name = f"MNI152NLin2009cAsym 1 mm T1w+T2w (autoafids {synth.AUTOAFIDS_VERSION})"
+    else:
+        template_image, afids = template
+        template_name = "user template"
+    brain = synth.estimate_brain_mask(template_image)
+    sigma = [0.5 * spacing / s if spacing > s else 0.0 for s in reversed(template_image.geometry.spacing)]
+    if any(sigma):
+        smoothed = gaussian_blur(template_image.data[None].to(torch.float32), sigma)[0]
+        template_image = Image(smoothed, template_image.geometry)
+    pairs = []
+    loop_start = time.perf_counter()
+    for i in range(n):
+        case_seed = seed + i
+        case = synth.simulate_case(template_image, afids, seed=case_seed, spacing=spacing, n_tissue_points=0,
+                                   brain_mask=brain, ground_truth=False)
+        src, tgt, scale = pair_tensors(case.source, case.target, settings.internal_shape,
+                                       settings.normalization_percentiles)
+        pairs.append(TrainingPair(f"synth{case_seed:05d}", src, tgt, scale))
+        if progress is not None:
+            progress(pairs[-1].id)
+    seconds = time.perf_counter() - start
+    description = {"kind": "synth", "pairs": n, "first_seed": seed, "spacing_mm": spacing, "template": template_name,
+                   "generation_s": round(seconds, 1),
+                   "seconds_per_pair": round((time.perf_counter() - loop_start) / n, 2)}
+    data = TrainingData(pairs, template_image.num_channels, settings.internal_shape,
+                        settings.normalization_percentiles, description)
+    if cache_file is not None:
+        _write_synth_cache(cache_file, key, data)
+    return data
+
+
+def _read_synth_cache(path: Path, key: str) -> TrainingData | None:
+    if not path.is_file():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if obj.get("format") != _SYNTH_CACHE_FORMAT or obj.get("key") != key:
+            return None
+        pairs = [TrainingPair(p["id"], p["source"], p["target"], p["scale"]) for p in obj["pairs"]]
+        return TrainingData(pairs, int(obj["channels"]), tuple(obj["internal_shape"]),
+                            tuple(obj["normalization_percentiles"]), dict(obj["description"]))
+    except Exception as exc:  # a broken cache is regenerated, not an error
+        log.warning("ignoring unreadable cache %s (%s)", path, _first_line(exc))
+        return None
+
+
+def _write_synth_cache(path: Path, key: str, data: TrainingData) -> None:
+    atomic_torch_save({"format": _SYNTH_CACHE_FORMAT, "key": key, "channels": data.channels,
+                       "internal_shape": list(data.internal_shape),
+                       "normalization_percentiles": list(data.normalization_percentiles),
+                       "description": _plain(data.description),
+                       "pairs": [{"id": p.id, "source": p.source, "target": p.target, "scale": p.scale}
+                                 for p in data.pairs]}, path)
+
+
+def split_cases(ids: Sequence[str], validation_fraction: float, test_fraction: float,
+                seed: int) -> dict[str, list[str]]:
+    """A seeded train/validation/test split of case ids.
+
+    Counts are rounded; with at least two cases and a positive fraction there is at least one
+    validation case, and a test case only where at least two cases remain for the other sets.
+    Training always keeps at least one case.
+    """
+    ids = list(ids)
+    n = len(ids)
+    order = [ids[i] for i in np.random.default_rng(int(seed)).permutation(n)]
+    n_val = int(round(n * validation_fraction))
+    n_test = int(round(n * test_fraction))
+    if validation_fraction > 0 and n >= 2:
+        n_val = max(n_val, 1)
+    n_test = min(n_test, max(n - 1 - n_val, 0))
+    n_val = min(n_val, n - 1 - n_test)
+    return {"train": order[n_val + n_test:], "validation": order[:n_val], "test": order[n_val:n_val + n_test]}
+
+
+# ============================================================================ the loss
+def drn_loss(u_st: torch.Tensor, u_ts: torch.Tensor, source: torch.Tensor, target: torch.Tensor,
+             scale: torch.Tensor, settings: TrainingSettings,
+             grid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Eq. 1 for one pair: both directions' weighted similarities plus lambda times both
+    regularisers.
+
+    Parameters
+    ----------
+    u_st, u_ts : Tensor, (1, 3, Z, Y, X)
+        Normalised fields ``f(S, T)`` and ``f(T, S)``.
+    source, target : Tensor, (1, C, Z, Y, X)
+    scale : Tensor, (3, 3)
+        :func:`combireg.warp.gradient_scale` of the pair's internal grid.
+
+    Returns
+    -------
+    loss : Tensor, ()
+    terms : dict of float
+    """
+    if grid is None:
+        grid = identity_grid(source.shape[2:], source.device, source.dtype)
+    sim_f, terms_f = weighted_similarity(warp_normalised(source, u_st, grid), target, settings.metrics,
+                                         settings.metric_weights, window=settings.ncc_window)
+    sim_b, terms_b = weighted_similarity(warp_normalised(target, u_ts, grid), source, settings.metrics,
+                                         settings.metric_weights, window=settings.ncc_window)
+    reg = gradient_regulariser(u_st, scale) + gradient_regulariser(u_ts, scale)
+    loss = sim_f + sim_b + settings.regularization_weight * reg
+    terms = {**{f"forward_{k}": v for k, v in terms_f.items()}, **{f"backward_{k}": v for k, v in terms_b.items()},
+             "regularisation": float(reg.detach())}
+    return loss, terms
+
+
+def _batch_loss(network: RegistrationUNet, pairs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                settings: TrainingSettings, grid: torch.Tensor) -> torch.Tensor:
+    source = torch.stack([p[0] for p in pairs])
+    target = torch.stack([p[1] for p in pairs])
+    u_st, u_ts = network.predict_both(source, target)
+    total = source.new_zeros(())
+    for i, (_, _, scale) in enumerate(pairs):
+        loss, _ = drn_loss(u_st[i:i + 1], u_ts[i:i + 1], source[i:i + 1], target[i:i + 1], scale, settings, grid)
+        total = total + loss
+    return total / len(pairs)
+
+
+def _augment(pair: TrainingPair, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A left-right flip of the internal grid's x axis (both images) and a gamma per image and
+    channel. Neither changes the gradient scale (a flip keeps the grid's extents)."""
+    source, target = pair.source, pair.target
+    if rng.random() < 0.5:
+        source, target = source.flip(-1), target.flip(-1)
+    gammas = np.exp(rng.uniform(-_GAMMA_LOG_RANGE, _GAMMA_LOG_RANGE, size=(2, source.shape[0])))
+    source = source.clamp_min(0) ** torch.as_tensor(gammas[0], dtype=source.dtype).view(-1, 1, 1, 1)
+    target = target.clamp_min(0) ** torch.as_tensor(gammas[1], dtype=target.dtype).view(-1, 1, 1, 1)
+    return source, target, pair.scale
+
+
+# ============================================================================ outputs
+def checkpoint_path(out_path: str | os.PathLike) -> Path:
+    """``model.pt`` -> ``model.pt.ckpt``: the latest epoch's full training state."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name + ".ckpt")
+
+
+def curve_path(out_path: str | os.PathLike) -> Path:
+    """``model.pt`` -> ``model.loss.png``: the loss curves."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.stem + ".loss.png")
+
+
+def check_outputs(out_path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Check, before any work, that the model (and its checkpoint) may be written.
+
+    Raises
+    ------
+    CombiregError
+        ``out_path`` is a folder; the folder is not writable; the model or a checkpoint exists
+        without ``overwrite``/``resume``; ``resume`` without a checkpoint.
+    """
+    out_path = Path(out_path).absolute()
+    if out_path.is_dir():
+        raise CombiregError(f"{out_path}: is a directory; give a model file name such as model.pt")
+    ckpt = checkpoint_path(out_path)
+    if resume:
+        if not ckpt.is_file():
+            raise CombiregError(f"{ckpt}: no checkpoint to resume from")
+    elif not overwrite:
+        if out_path.exists():
+            raise CombiregError(f"{out_path}: exists (use --overwrite to replace it, or --resume)")
+        if ckpt.exists():
+            raise CombiregError(f"{ckpt}: a checkpoint exists (use --resume to continue it or --overwrite to start "
+                                "afresh)")
+    parent = out_path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:  # a real probe: os.access() says yes to root everywhere, even on read-only mounts
+        fd, probe = tempfile.mkstemp(prefix=".combireg-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError:
+        raise CombiregError(f"{out_path.parent}: not writable") from None
+    return out_path
+
+
+def _write_curve(path: Path, history: list[dict], best_epoch: int | None, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    val = [(h["epoch"], h["validation_loss"]) for h in history if h.get("validation_loss") is not None]
+    if val:
+        ax.plot([e for e, _ in val], [v for _, v in val], "s-", label="validation")
+    if best_epoch is not None:
+        ax.axvline(best_epoch, color="grey", linestyle=":", label=f"kept (epoch {best_epoch})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (Eq. 1)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
+
+
+# ============================================================================ training
+@dataclass
+class TrainingSummary:
+    """What a training run did (also stored as the model file's ``training`` entry)."""
+
+    model_path: Path
+    checkpoint_path: Path
+    curve_path: Path
+    epochs: int
+    start_epoch: int
+    best_epoch: int
+    selection: str  # "validation", "training" (no validation cases) or "last" (KeepBest false)
+    best_loss: float | None
+    final_train_loss: float | None
+    final_validation_loss: float | None
+    test_loss: float | None
+    history: list
+    split: dict
+    data: dict
+    num_parameters: int
+    seconds: float  # this call, data loading included
+    training_seconds: float  # epochs only, summed over resumed runs
+    settings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return _plain({
+            "epochs": self.epochs, "start_epoch": self.start_epoch, "best_epoch": self.best_epoch,
+            "selection": self.selection, "best_loss": self.best_loss, "final_train_loss": self.final_train_loss,
+            "final_validation_loss": self.final_validation_loss, "test_loss": self.test_loss,
+            "history": self.history, "split": self.split, "data": self.data, "num_parameters": self.num_parameters,
+            "seconds": round(self.seconds, 1), "training_seconds": round(self.training_seconds, 1),
+            "settings": self.settings, "combireg_version": __version__, "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        })
+
+    def format(self) -> str:
+        """A few lines for the terminal (and BENCHMARKS.md)."""
+        def num(v):
+            return "n/a" if v is None else f"{v:.5f}"
+        data = self.data
+        if data.get("kind") == "synth":
+            what = (f"{data['pairs']} simulated pairs ({data['spacing_mm']:g} mm, seeds {data['first_seed']}.."
+                    f"{data['first_seed'] + data['pairs'] - 1}, {data.get('seconds_per_pair', '?')} s/pair)")
+        elif data.get("kind") == "manifest":
+            what = f"{data['cases']} cases of {data['manifest']}"
+        else:
+            what = f"{len(sum(self.split.values(), []))} pairs"
+        split = ", ".join(f"{k} {len(v)}" for k, v in self.split.items())
+        return "\n".join([
+            f"data: {what}; split {split}",
+            f"epochs: {self.epochs} (this run from epoch {self.start_epoch + 1}), kept epoch {self.best_epoch} "
+            f"by {self.selection} loss",
+            f"loss: train {num(self.final_train_loss)}, validation {num(self.final_validation_loss)} (last epoch); "
+            f"kept {num(self.best_loss)}; test {num(self.test_loss)}",
+            f"network: {self.num_parameters} parameters; {self.seconds:.1f} s this run (data included), "
+            f"{self.training_seconds:.1f} s of training epochs in all",
+            f"model: {self.model_path}  (loss curves: {self.curve_path})",
+        ])
+
+
+def _as_data(data: DataLike, settings: TrainingSettings, progress) -> TrainingData:
+    if isinstance(data, TrainingData):
+        if tuple(data.internal_shape) != tuple(settings.internal_shape):
+            raise CombiregError(f"the training data were prepared on an internal grid {tuple(data.internal_shape)} "
+                                f"but the parameters ask for {tuple(settings.internal_shape)} (Z, Y, X)")
+        if tuple(data.normalization_percentiles) != tuple(settings.normalization_percentiles):
+            raise CombiregError("the training data were normalised with other NormalizationPercentiles than the "
+                                "parameters give")
+        return data
+    if isinstance(data, bool):
+        raise TypeError("data must be training data, a manifest path, a pair count or image pairs")
+    if isinstance(data, int):
+        return synth_data(data, settings, progress=progress)
+    if isinstance(data, (str, os.PathLike)):
+        return manifest_data(data, settings, progress=progress)
+    return images_data(list(data), settings)
+
+
+def _config(settings: TrainingSettings, channels: int, fingerprint: str | None) -> dict:
+    """What must not change between a checkpoint and a resumed run (all but the epoch count,
+    KeepBest and threads)."""
+    return {
+        "architecture": {"channels": int(channels), "features": list(settings.features)},
+        "InternalGridSize": list(settings.internal_size),
+        "Metric": list(settings.metrics),
+        "MetricWeights": list(settings.metric_weights),
+        "NCCWindowSize": settings.ncc_window,
+        "RegularizationWeight": settings.regularization_weight,
+        "LearningRate": settings.learning_rate,
+        "Optimizer": settings.optimizer,
+        "BatchSize": settings.batch_size,
+        "ValidationFraction": settings.validation_fraction,
+        "TestFraction": settings.test_fraction,
+        "Augmentation": settings.augmentation,
+        "Seed": settings.seed,
+        "NormalizationPercentiles": list(settings.normalization_percentiles),
+        "data": fingerprint,
+    }
+
+
+def _config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def _config_difference(saved: dict, current: dict, skip_data: bool = False) -> list[str]:
+    keys = [k for k in dict.fromkeys([*saved, *current]) if not (skip_data and k == "data")]
+    diffs = []
+    for key in keys:
+        if saved.get(key) != current.get(key):
+            if key == "data":
+                diffs.append("the training data")
+            else:
+                diffs.append(f"{key} ({_short(saved.get(key))} in the checkpoint, {_short(current.get(key))} now)")
+    return diffs
+
+
+def _short(value) -> str:
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_short(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _load_checkpoint(path: Path) -> dict:
+    ckpt = _torch_load(path, "DRN checkpoint")
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CombiregError(f"{path}: not a combireg DRN checkpoint (format {ckpt.get('format')!r})")
+    if ckpt.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise CombiregError(f"{path}: checkpoint format version {ckpt.get('format_version')!r} is not supported by "
+                            f"combireg {__version__} (reads {CHECKPOINT_FORMAT_VERSION}); start afresh with --overwrite")
+    for key in ("config", "config_hash", "epoch", "model_state", "optimizer_state", "best_state", "history"):
+        if key not in ckpt:
+            raise CombiregError(f"{path}: checkpoint lacks {key}")
+    return ckpt
+
+
+def _refuse_other_config(path: Path, saved: dict, current: dict, skip_data: bool = False) -> None:
+    diffs = _config_difference(saved, current, skip_data=skip_data)
+    if diffs:
+        raise CombiregError(f"{path}: --resume from a checkpoint of another configuration (differs in "
+                            f"{'; '.join(diffs)}); use the same data and parameters, or --overwrite to start afresh")
+
+
+@contextlib.contextmanager
+def _threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _mean_loss(network: RegistrationUNet, pairs: Sequence[TrainingPair], settings: TrainingSettings,
+               grid: torch.Tensor) -> float | None:
+    if not pairs:
+        return None
+    network.eval()
+    with torch.no_grad():
+        total = sum(float(_batch_loss(network, [(p.source, p.target, p.scale)], settings, grid)) for p in pairs)
+    return total / len(pairs)
+
+
+def train_drn(data: DataLike, params: TrainingSettings | str | os.PathLike | None, out_path: str | os.PathLike, *,
+              resume: bool = False, epochs: int | None = None, overwrite: bool = False,
+              progress: Callable[[dict], None] | None = None) -> TrainingSummary:
+    """Train the DRN on Eq. 1 and write the model, its checkpoint and the loss curves.
+
+    Parameters
+    ----------
+    data : TrainingData, path, int or sequence of (Image, Image)
+        Prepared data (:func:`manifest_data`, :func:`synth_data`, :func:`images_data`), a
+        manifest CSV, a number of pairs to simulate (defaults of :func:`synth_data`), or
+        in-memory (source, target) pairs.
+    params : TrainingSettings, path or None
+        Training parameters (``params/drn_train.txt`` syntax); None = the built-in defaults.
+    out_path : path
+        The model file (``model.pt``); ``model.pt.ckpt`` and ``model.loss.png`` go beside it.
+    resume : bool
+        Continue from ``model.pt.ckpt`` after its last finished epoch; the data and every
+        parameter except NumberOfEpochs, KeepBest and NumberOfThreads must be the same.
+    epochs : int, optional
+        Total number of epochs (overrides NumberOfEpochs); with ``resume``, where to stop.
+    overwrite : bool
+        Replace an existing model and checkpoint (else they are refused).
+    progress : callable, optional
+        Receives dicts: ``{"event": "data", "case"}`` while loading,
+        ``{"event": "start", "start_epoch", "epochs", "steps_per_epoch", "split"}``,
+        ``{"event": "step", "epoch", "step", "loss"}`` after every optimiser step and
+        ``{"event": "epoch", "epoch", "train_loss", "validation_loss", "best_epoch"}``.
+
+    Returns
+    -------
+    TrainingSummary
+
+    Raises
+    ------
+    CombiregError
+        Bad parameters, data or output paths, a checkpoint of another configuration,
+        divergence. Nothing is written before the data are loaded and checked.
+    """
+    clock = time.perf_counter()
+    settings = params if isinstance(params, TrainingSettings) else load_training_settings(params)
+    if epochs is not None:
+        if int(epochs) < 1:
+            raise CombiregError(f"--epochs must be >= 1, got {epochs}")
+        settings = settings.replace(epochs=int(epochs))
+    out_path = check_outputs(out_path, resume=resume, overwrite=overwrite)
+    ckpt_file = checkpoint_path(out_path)
+    ckpt = None
+    if resume:  # refuse early, before loading data, where the parameters alone differ
+        ckpt = _load_checkpoint(ckpt_file)
+        saved_channels = ckpt["config"].get("architecture", {}).get("channels", 0)
+        _refuse_other_config(ckpt_file, ckpt["config"], _config(settings, saved_channels, None), skip_data=True)
+
+    emit = progress or (lambda event: None)
+    data = _as_data(data, settings, lambda case_id: emit({"event": "data", "case": case_id}))
+    config = _config(settings, data.channels, data.fingerprint())
+    if ckpt is not None:
+        _refuse_other_config(ckpt_file, ckpt["config"], config)
+
+    split = split_cases(data.ids, settings.validation_fraction, settings.test_fraction, settings.seed)
+    by_id = {p.id: p for p in data.pairs}
+    train_pairs = [by_id[i] for i in split["train"]]
+    val_pairs = [by_id[i] for i in split["validation"]]
+    test_pairs = [by_id[i] for i in split["test"]]
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        network = RegistrationUNet(data.channels, settings.features)
+    optimiser = torch.optim.Adam(network.parameters(), lr=settings.learning_rate)
+    history: list[dict] = []
+    start_epoch, best_epoch, best_loss, elapsed_before = 0, 0, None, 0.0
+    best_state = {k: v.clone() for k, v in network.state_dict().items()}
+    if ckpt is not None:
+        try:
+            network.load_state_dict(ckpt["model_state"])
+            optimiser.load_state_dict(ckpt["optimizer_state"])
+        except Exception as exc:
+            raise CombiregError(f"{ckpt_file}: inconsistent checkpoint ({_first_line(exc)})") from None
+        start_epoch = int(ckpt["epoch"])
+        best_epoch, best_loss = int(ckpt.get("best_epoch", 0)), ckpt.get("best_loss")
+        best_state = ckpt["best_state"]
+        history = list(ckpt["history"])
+        elapsed_before = float(ckpt.get("elapsed_s", 0.0))
+        log.info("resuming %s after epoch %d", ckpt_file, start_epoch)
+
+    selection = "last" if not settings.keep_best else ("validation" if val_pairs else "training")
+    batch = settings.batch_size
+    steps = max(1, math.ceil(len(train_pairs) / batch))
+    emit({"event": "start", "start_epoch": start_epoch, "epochs": settings.epochs, "steps_per_epoch": steps,
+          "split": split})
+    voxels = int(np.prod(data.internal_shape))
+    threads = settings.num_threads or (1 if voxels < _SINGLE_THREAD_VOXELS else torch.get_num_threads())
+    grid = identity_grid(data.internal_shape)
+    run_start = time.perf_counter()
+    with _threads(threads):
+        for epoch in range(start_epoch + 1, settings.epochs + 1):
+            epoch_start = time.perf_counter()
+            # Why (seed, epoch): the epoch's order and augmentation do not depend on how many
+            # epochs ran in this process, so --resume reproduces an uninterrupted run.
+            rng = np.random.default_rng([settings.seed, epoch])
+            order = [train_pairs[i] for i in rng.permutation(len(train_pairs))]
+            network.train()
+            losses = []
+            for step in range(steps):
+                members = order[step * batch:(step + 1) * batch]
+                inputs = [_augment(p, rng) if settings.augmentation else (p.source, p.target, p.scale)
+                          for p in members]
+                optimiser.zero_grad(set_to_none=True)
+                loss = _batch_loss(network, inputs, settings, grid)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise CombiregError(f"training diverged in epoch {epoch} (loss {value}); lower LearningRate")
+                loss.backward()
+                optimiser.step()
+                losses.append(value)
+                emit({"event": "step", "epoch": epoch, "step": step + 1, "loss": value})
+            train_loss = float(np.mean(losses))
+            val_loss = _mean_loss(network, val_pairs, settings, grid)
+            score = val_loss if val_pairs else train_loss
+            if best_loss is None or score < best_loss or not settings.keep_best:
+                best_loss, best_epoch = score, epoch
+                best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+            history.append({"epoch": epoch, "train_loss": train_loss, "validation_loss": val_loss,
+                            "seconds": round(time.perf_counter() - epoch_start, 2)})
+            elapsed = elapsed_before + time.perf_counter() - run_start
+            atomic_torch_save({
+                "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
+                "combireg_version": __version__, "config": config, "config_hash": _config_hash(config),
+                "epoch": epoch, "model_state": network.state_dict(), "optimizer_state": optimiser.state_dict(),
+                "best_state": best_state, "best_epoch": best_epoch, "best_loss": best_loss,
+                "history": _plain(history), "split": split, "rng_state": torch.get_rng_state(),
+                "elapsed_s": elapsed,
+            }, ckpt_file)
+            emit({"event": "epoch", "epoch": epoch, "epochs": settings.epochs, "train_loss": train_loss,
+                  "validation_loss": val_loss, "best_epoch": best_epoch})
+
+        if not settings.keep_best and history:
+            best_epoch = history[-1]["epoch"]
+            best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+        kept = RegistrationUNet(data.channels, settings.features)
+        kept.load_state_dict(best_state)
+        test_loss = _mean_loss(kept, test_pairs, settings, grid)
+    seconds = time.perf_counter() - run_start
+    last = history[-1] if history else {}
+    summary = TrainingSummary(
+        model_path=out_path, checkpoint_path=ckpt_file, curve_path=curve_path(out_path),
+        epochs=int(last.get("epoch", start_epoch)), start_epoch=start_epoch, best_epoch=best_epoch,
+        selection=selection, best_loss=best_loss, final_train_loss=last.get("train_loss"),
+        final_validation_loss=last.get("validation_loss"), test_loss=test_loss, history=history, split=split,
+        data=data.description, num_parameters=kept.num_parameters(), seconds=time.perf_counter() - clock,
+        training_seconds=elapsed_before + seconds, settings=_plain(settings.to_parameter_map()))
+    header = (f"// combireg {__version__}: DRN training parameters (source: {settings.source}).\n"
+              f"// `combireg train ... -p` with this file reproduces the training.\n")
+    model = DrnModel(kept, data.internal_shape, data.normalization_percentiles, header + settings.to_text(),
+                     summary.to_dict(), out_path)
+    model.save(out_path)
+    title = (f"DRN {'+'.join(settings.metrics)}, lambda {settings.regularization_weight:g}, "
+             f"lr {settings.learning_rate:g}")
+    if history:
+        _write_curve(summary.curve_path, history, best_epoch if settings.keep_best else None, title)
+    log.info("trained %d epochs in %.1f s; kept epoch %d", summary.epochs, seconds, best_epoch)
+    return summary
