@@ -48,3 +48,92 @@ def elastix(source: str, target: str, output: str, params: str | None, overwrite
     click.echo(f"registered with elastix in {rep['wall_time_s']:.1f} s (peak memory {rep['peak_memory_mb']:.0f} MB); "
                f"Jacobian min {jac['min']:.3f}, {jac['percent_nonpositive']:.3f}% folded")
     click.echo(f"results in {outdir}")
+
+
+def _int_list(value: str | None, option: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value.replace(" ", ",").split(",") if v)
+    except ValueError:
+        raise CombiregError(f"{option}: expected comma-separated integers, got {value!r}") from None
+
+
+@baseline.command("syn")
+@click.argument("source")
+@click.argument("target")
+@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False),
+              help="Output directory (created; must be empty unless --overwrite).")
+@click.option("-p", "--params", "params", type=click.Path(dir_okay=False), default=None,
+              help="SyN parameter file, such as the params.txt of an earlier run (default: built-in settings).")
+@click.option("--shrink", "shrink", default=None, metavar="F1,F2,...",
+              help="Shrink factors per level, coarsest first (default 8,4,2).")
+@click.option("--iterations", "iterations", default=None, metavar="N1,N2,...",
+              help="Maximum iterations per level (default 100,70,20).")
+@click.option("--cc-radius", "cc_radius", type=int, default=None, help="Cross-correlation radius in voxels (default 2).")
+@click.option("--channel", "channel", type=int, default=None,
+              help="Channel (0-based) that drives the registration (default 0); all channels are warped.")
+@click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty output directory.")
+def syn(source: str, target: str, output: str, params: str | None, shrink: str | None, iterations: str | None,
+        cc_radius: int | None, channel: int | None, overwrite: bool) -> None:
+    """Symmetric normalisation (SyN) of SOURCE to TARGET with ITK's SyNImageRegistrationMethod and
+    ANTs' neighbourhood cross-correlation (each side one image or comma-separated channel files;
+    one channel drives the registration, all are warped).
+
+    Writes what `combireg run` writes: field.nii.gz (target grid, LPS mm, target x -> source
+    x + u(x)), field_inverse.nii.gz (SyN's own inverse, source grid), warped_<k>.nii.gz,
+    params.txt (the SyN settings) and report.json.
+    """
+    import dataclasses
+
+    from combireg.adapters.syn import SynSettings, read_syn_settings, register_syn
+    from combireg.outputs import prepare_output_dir
+
+    settings = read_syn_settings(params) if params is not None else SynSettings()
+    overrides = {"shrink_factors": _int_list(shrink, "--shrink"), "iterations": _int_list(iterations, "--iterations"),
+                 "cc_radius": cc_radius, "metric_channel": channel}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "shrink_factors" in overrides and "iterations" not in overrides:
+        raise CombiregError("--shrink needs --iterations too (one count per level)")
+    settings = dataclasses.replace(settings, **overrides)  # bad values fail before any work
+    outdir = prepare_output_dir(output, overwrite=overwrite)
+    result = register_syn(_channels(source, "source"), _channels(target, "target"), settings=settings)
+    result.save(outdir, overwrite=overwrite)
+    rep = result.report
+    jac = rep["jacobian"]
+    click.echo(f"registered with ITK SyN in {rep['wall_time_s']:.1f} s (peak memory {rep['peak_memory_mb']:.0f} MB); "
+               f"Jacobian min {jac['min']:.3f}, {jac['percent_nonpositive']:.3f}% folded")
+    click.echo(f"results in {outdir}")
+
+
+@baseline.command("ants")
+@click.argument("source")
+@click.argument("target")
+@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False),
+              help="Output directory (created; must be empty unless --overwrite).")
+@click.option("-t", "--type", "type_of_transform", default="SyN", show_default=True,
+              help="ANTsPy's type_of_transform (SyN, SyNRA, SyNOnly, ElasticSyN, ...).")
+@click.option("--channel", "channel", type=int, default=0, show_default=True,
+              help="Channel (0-based) that drives the registration; all channels are warped.")
+@click.option("--seed", "seed", type=int, default=None, help="ANTs random seed (sampling of the affine stage).")
+@click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty output directory.")
+def ants(source: str, target: str, output: str, type_of_transform: str, channel: int, seed: int | None,
+         overwrite: bool) -> None:
+    """Register SOURCE to TARGET with ANTsPy's ants.registration (needs the optional package
+    antspyx), writing what `combireg run` writes; ANTs' forward transforms (affine + warp) are
+    turned into one displacement field on the target grid.
+    """
+    from combireg.adapters.ants import register_ants, require_ants
+    from combireg.outputs import prepare_output_dir
+
+    require_ants()  # a missing package fails before anything else
+    outdir = prepare_output_dir(output, overwrite=overwrite)
+    result = register_ants(_channels(source, "source"), _channels(target, "target"),
+                           type_of_transform=type_of_transform, metric_channel=channel, seed=seed)
+    result.save(outdir, overwrite=overwrite)
+    rep = result.report
+    jac = rep["jacobian"]
+    click.echo(f"registered with ANTs {type_of_transform} in {rep['wall_time_s']:.1f} s "
+               f"(peak memory {rep['peak_memory_mb']:.0f} MB); "
+               f"Jacobian min {jac['min']:.3f}, {jac['percent_nonpositive']:.3f}% folded")
+    click.echo(f"results in {outdir}")

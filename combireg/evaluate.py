@@ -20,8 +20,12 @@ Method SPEC (``--method NAME=SPEC``)
                          e.g. init:out/cases/{case}/affine/field.nii.gz
         baseline:elastix elastix B-spline (itk-elastix); with params:FILE an elastix parameter
                          file (default: params/elastix_bspline.txt's map); no init
-                         (baseline:syn is not available yet)
-        drn:MODEL        reserved for DRN + instance optimisation (not available yet)
+        baseline:syn     ITK's SyN with neighbourhood cross-correlation; with params:FILE a SyN
+                         settings file (the params.txt a ``baseline syn`` run writes)
+        baseline:ants    ants.registration SyN (needs the optional package antspyx)
+        drn:MODEL        a DRN (model file from ``combireg train``, or ``drn`` for the shipped
+                         model) whose fields start the instance optimisation; with
+                         ``(MaximumNumberOfIterations 0)`` in params:FILE, the DRN alone
 
     A SPEC whose first item has no known ``KEY:`` prefix is a parameter file, so
     ``NAME=FILE`` means ``NAME=params:FILE`` and ``NAME=FILE,init:FIELD`` works too. Relative
@@ -60,6 +64,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .adapters import BASELINES  # the names ``baseline:NAME`` can take
 from .errors import CombiregError
 
 __all__ = [
@@ -185,6 +190,8 @@ class MethodSpec:
         Initial field path template (``{case}`` is replaced by the case id).
     baseline : str or None
         A classical baseline (``"elastix"``) instead of combireg's instance optimisation.
+    drn : str or None
+        A DRN model file (or ``"drn"``) initialising the optimisation.
     settings : Settings or None
         The validated combireg parameters (None for a baseline).
     """
@@ -194,6 +201,7 @@ class MethodSpec:
     params: Path | None = None
     init: str | None = None
     baseline: str | None = None
+    drn: str | None = None
     settings: object = None
 
     def init_for(self, case_id: str) -> Path | None:
@@ -213,8 +221,6 @@ def _spec_init(method: MethodSpec, value: str) -> None:
     method.init = value
 
 
-#: Baselines ``baseline:NAME`` can name.
-BASELINES = ("elastix",)
 
 
 def _spec_baseline(method: MethodSpec, value: str) -> None:
@@ -224,13 +230,22 @@ def _spec_baseline(method: MethodSpec, value: str) -> None:
         raise CombiregError(f"method {method.name!r}: baseline {value!r} is not available "
                             f"(available: {', '.join(BASELINES)})")
     method.baseline = value.lower()
+    if method.baseline == "ants":
+        import importlib.util
+
+        # Fail before any cell runs, not once per case.
+        if importlib.util.find_spec("ants") is None:
+            raise CombiregError(f"method {method.name!r}: baseline:ants needs the optional package antspyx "
+                                f"(pip install antspyx)")
 
 
-def _not_available(key: str) -> Callable[[MethodSpec, str], None]:
-    def handler(method: MethodSpec, value: str) -> None:
-        raise CombiregError(f"method {method.name!r}: '{key}:' methods are not available yet")
+def _spec_drn(method: MethodSpec, value: str) -> None:
+    if method.drn is not None:
+        raise CombiregError(f"method {method.name!r}: 'drn' given twice")
+    from .network import load_model
 
-    return handler
+    load_model(value)  # a missing or foreign model file fails before any cell runs
+    method.drn = value
 
 
 #: SPEC keys and their handlers; a new kind of method adds its key here.
@@ -238,7 +253,7 @@ SPEC_KEYS: dict[str, Callable[[MethodSpec, str], None]] = {
     "params": _spec_params,
     "init": _spec_init,
     "baseline": _spec_baseline,
-    "drn": _not_available("drn"),
+    "drn": _spec_drn,
 }
 
 
@@ -280,13 +295,23 @@ def parse_method(text: str) -> MethodSpec:
         SPEC_KEYS[key](method, value)
     if method.params is not None and not method.params.is_file():
         raise CombiregError(f"method {name!r}: parameter file {method.params}: no such file")
+    if method.drn is not None and method.init is not None:
+        raise CombiregError(f"method {name!r}: give 'drn:' or 'init:', not both")
     if method.baseline is not None:
-        if method.init is not None:
-            raise CombiregError(f"method {name!r}: a baseline takes no 'init:'")
+        if method.init is not None or method.drn is not None:
+            raise CombiregError(f"method {name!r}: a baseline takes no 'init:' or 'drn:'")
         if method.params is not None:
-            from .adapters.elastix import read_parameter_map
+            # validate up front
+            if method.baseline == "elastix":
+                from .adapters.elastix import read_parameter_map
 
-            read_parameter_map(method.params)  # validate up front
+                read_parameter_map(method.params)
+            elif method.baseline == "syn":
+                from .adapters.syn import read_syn_settings
+
+                read_syn_settings(method.params)
+            else:
+                raise CombiregError(f"method {name!r}: baseline {method.baseline!r} takes no parameter file")
     else:
         method.settings = load_settings(method.params)
     return method
@@ -340,8 +365,11 @@ def _cell_dir(outdir: Path, case: Case, method: MethodSpec) -> Path:
 
 
 def run_cell(case: Case, method: MethodSpec, outdir: str | os.PathLike, *, device: str = "cpu",
-             landmark_space: str | None = None) -> dict:
+             landmark_space: str | None = None, cell_dir: str | os.PathLike | None = None) -> dict:
     """Register one case with one method, save its outputs and return its results row.
+
+    The outputs go to ``cell_dir`` (default ``outdir/cases/<case>/<method>``); the row's
+    ``outdir`` is that folder relative to ``outdir``.
 
     Raises
     ------
@@ -369,18 +397,19 @@ def run_cell(case: Case, method: MethodSpec, outdir: str | os.PathLike, *, devic
     if outside.any():
         log.warning("%s: %d source landmark(s) lie outside the source image grid", case.id, int(outside.sum()))
     reset = _reset_peak_memory()
-    if method.baseline == "elastix":
-        from .adapters.elastix import register_elastix
+    if method.baseline is not None:
+        from .adapters import run_baseline
 
-        result = register_elastix(source, target, parameter_file=method.params)
+        result = run_baseline(method.baseline, source, target, parameter_file=method.params)
     else:
-        result = register(source, target, method.settings, init=None if init is None else str(init), device=device)
+        result = register(source, target, method.settings, init=method.drn if init is None else str(init),
+                          device=device)
     peak = _peak_memory_mb(result.report["peak_memory_mb"]) if reset else result.report["peak_memory_mb"]
     result.report["tre"] = compute_tre(result.displacement_lps_mm, result.target_geometry,
                                        target_lm, source_lm).to_dict()
     result.report["evaluate"] = {"case": case.id, "method": method.name, "spec": method.spec,
                                  "cell_peak_memory_mb": round(peak, 1)}
-    cell = _cell_dir(Path(outdir), case, method)
+    cell = _cell_dir(Path(outdir), case, method) if cell_dir is None else Path(cell_dir)
     result.save(cell, overwrite=True)
     displacement, geometry = io.read_displacement(cell / FIELD_NAME)
     tre = compute_tre(displacement, geometry, target_lm, source_lm)

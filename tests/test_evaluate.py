@@ -165,9 +165,11 @@ def test_method_spec_grammar(tmp_path):
     ("noequals", "expected NAME=SPEC"),
     ("=p.txt", "expected NAME=SPEC"),
     ("a/b=PARAMS", "NAME must be"),
-    ("a=baseline:syn", "is not available"),
+    ("a=baseline:bspline", "is not available"),
+    ("a=baseline:syn,params:PARAMS", "unknown SyN key"),
     ("a=baseline:elastix,init:x.nii.gz", "takes no 'init:'"),
-    ("a=drn:model.pt", "not available yet"),
+    ("a=drn:model.pt", "no such DRN model file"),
+    ("a=PARAMS,drn:MODEL,init:x.nii.gz", "not both"),
     ("a=PARAMS,foo:bar", "unknown item"),
     ("a=PARAMS,,init:x", "empty item"),
     ("a=params:PARAMS,params:PARAMS", "given twice"),
@@ -180,8 +182,40 @@ def test_method_spec_errors(tmp_path, spec, message):
     bad = tmp_path / "bad.txt"
     bad.write_text("(Bogus 1)\n")
     spec = spec.replace("BADPARAMS", str(bad)).replace("PARAMS", str(params))
+    if "MODEL" in spec:
+        spec = spec.replace("MODEL", str(_tiny_model(tmp_path)))
     with pytest.raises(CombiregError, match=message):
         parse_method(spec)
+
+
+def _tiny_model(tmp_path, channels=2):
+    from combireg.network import DrnModel, RegistrationUNet, save_model
+
+    path = tmp_path / "tiny.pt"
+    save_model(DrnModel(RegistrationUNet(channels=channels, features=(4, 8)), internal_shape=(12, 14, 12)), path)
+    return path
+
+
+def test_drn_methods_run_like_any_method(tmp_path):
+    """drn:MODEL with 0 iterations is the DRN alone; with iterations, DRN + IO."""
+    model = _tiny_model(tmp_path)
+    io_only = tmp_path / "io.txt"
+    io_only.write_text("(NumberOfResolutions 1)\n(ImagePyramidSchedule 4 4 4)\n(MaximumNumberOfIterations 20)\n")
+    drn_only = tmp_path / "drn.txt"
+    drn_only.write_text("(NumberOfResolutions 1)\n(ImagePyramidSchedule 4 4 4)\n(MaximumNumberOfIterations 0)\n")
+    out = tmp_path / "ev"
+    res = invoke("evaluate", SAMPLES / "manifest.csv", "-m", f"drn={drn_only},drn:{model}",
+                 "-m", f"drn_io={io_only},drn:{model}", "-o", out, "-q")
+    assert res.exit_code == 0, res.output
+    rows = {(r["case"], r["method"]): r for r in _csv_rows(out / "results.csv")}
+    assert all(r["status"] == "ok" for r in rows.values())
+    for case in ("case0000", "case0001"):
+        # an untrained net predicts (almost) the identity; IO after it improves on it
+        drn, drn_io = rows[(case, "drn")], rows[(case, "drn_io")]
+        assert float(drn["tre_mean"]) == pytest.approx(float(drn["initial_mean"]), abs=0.05)
+        assert float(drn_io["tre_mean"]) < 0.8 * float(drn_io["initial_mean"])
+        report = json.loads((out / drn_io["outdir"] / "report.json").read_text())
+        assert report["init"]["kind"] == "drn" and report["init"]["model"].endswith("tiny.pt")
 
 
 def test_comparisons(tmp_path):
@@ -233,7 +267,7 @@ def test_bad_manifests(tmp_path, text, message):
     (["MISSING", "--method", "a=PARAMS"], "no such manifest"),
     (["MANIFEST", "--method", "a=PARAMS", "--compare", "a:b"], "unknown method 'b'"),
     (["MANIFEST", "--method", "a=PARAMS", "--method", "a=PARAMS"], "given twice"),
-    (["MANIFEST", "--method", "a=baseline:ants"], "is not available"),
+    (["MANIFEST", "--method", "a=baseline:bspline"], "is not available"),
     (["MANIFEST", "--method", "a=PARAMS", "--landmark-space", "voxel"], "voxel"),
 ])
 def test_evaluate_command_errors_write_nothing(tmp_path, args, message):
@@ -276,3 +310,12 @@ def test_evaluate_runs_the_elastix_baseline_like_any_method(tmp_path):
         cell = out / row["outdir"]
         assert {"field.nii.gz", "field_inverse.nii.gz", "warped_0.nii.gz", "warped_1.nii.gz", "params.txt",
                 "report.json", "tre.csv", "tre.json"} <= {p.name for p in cell.iterdir()}
+
+
+def test_ants_baseline_without_antspyx_fails_up_front():
+    import importlib.util
+
+    if importlib.util.find_spec("ants") is not None:
+        pytest.skip("antspyx is installed here")
+    with pytest.raises(CombiregError, match="antspyx"):
+        parse_method("a=baseline:ants")
