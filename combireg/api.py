@@ -25,8 +25,8 @@ from .params import ParamMap, Settings, format_parameter_map, load_settings, set
 from .warp import (
     affine_displacement,
     compose_affine,
+    field_statistics,
     invert_normalised,
-    jacobian_determinant,
     lps_mm_to_normalised,
     normalised_to_lps_mm,
     resample_field,
@@ -436,8 +436,6 @@ def _package_version(name: str) -> str:
 
 def _report(result: Result, fields: FieldPair, settings: Settings, device: str, source: Image, target: Image,
             seconds: dict) -> dict:
-
-    jac = jacobian_determinant(result.displacement_lps_mm, result.target_geometry)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return {
         "combireg_version": __version__,
@@ -453,13 +451,5 @@ def _report(result: Result, fields: FieldPair, settings: Settings, device: str, 
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "wall_time_s": round(seconds["total"], 3),
         "peak_memory_mb": round(peak_mb, 1),
-        "jacobian": {
-            "min": float(jac.min()),
-            "max": float(jac.max()),
-            "percent_nonpositive": float(100.0 * np.count_nonzero(jac <= 0) / jac.size),
-        },
-        "displacement_mm": {
-            "max": float(np.linalg.norm(result.displacement_lps_mm, axis=-1).max()),
-            "mean": float(np.linalg.norm(result.displacement_lps_mm, axis=-1).mean()),
-        },
+        **field_statistics(result.displacement_lps_mm, result.target_geometry),
     }

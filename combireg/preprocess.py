@@ -598,13 +598,12 @@ def prealign(source: Image, target: Image, kind: str = "rigid", *, source_mask: 
         raise ValueError("resolutions, iterations and samples must be positive")
     source_inside = _mask_array(source_mask, source.geometry, "source")
     target_inside = _mask_array(target_mask, target.geometry, "target")
-    from .adapters.elastix import _PoolThreader, _itk_message, _last_log_error
+    from .adapters.elastix import _PoolThreader, _itk_message, run_elastix
 
     itk = _itk()
     fixed = _itk_image(target.numpy()[0], target.geometry)
     moving = _itk_image(source.numpy()[0], source.geometry)
-    parameters = itk.ParameterObject.New()
-    pm = parameters.GetDefaultParameterMap(kind, int(resolutions))
+    pm = dict(itk.ParameterObject.New().GetDefaultParameterMap(kind, int(resolutions)))
     pm["Transform"] = [_PREALIGN_KINDS[kind]]
     pm["Metric"] = [_PREALIGN_METRICS[metric]]
     pm["NumberOfResolutions"] = [str(int(resolutions))]
@@ -620,27 +619,17 @@ def prealign(source: Image, target: Image, kind: str = "rigid", *, source_mask: 
     pm["WriteResultImage"] = ["false"]  # only the transform is wanted
     for key, values in (elastix_parameters or {}).items():
         pm[str(key)] = [str(v) for v in ([values] if isinstance(values, (str, int, float)) else values)]
-    parameters.AddParameterMap(pm)
     with _PoolThreader(), tempfile.TemporaryDirectory(prefix="combireg-prealign-",
                                                       ignore_cleanup_errors=True) as workdir:
-        reg = itk.ElastixRegistrationMethod[type(fixed), type(moving)].New()
-        reg.SetFixedImage(fixed)
-        reg.SetMovingImage(moving)
-        if target_inside is not None:
-            reg.SetFixedMask(_itk_image(target_inside.astype(np.uint8), target.geometry, np.uint8))
-        if source_inside is not None:
-            reg.SetMovingMask(_itk_image(source_inside.astype(np.uint8), source.geometry, np.uint8))
-        reg.SetParameterObject(parameters)
-        reg.SetOutputDirectory(workdir)
-        reg.SetLogToConsole(False)
-        reg.SetLogToFile(True)
-        reg.SetLogFileName("elastix.log")
+        reg = run_elastix([(fixed, moving)], pm, workdir, what=f"elastix {kind} pre-alignment",
+                          fixed_mask=None if target_inside is None else
+                          _itk_image(target_inside.astype(np.uint8), target.geometry, np.uint8),
+                          moving_mask=None if source_inside is None else
+                          _itk_image(source_inside.astype(np.uint8), source.geometry, np.uint8))
         try:
-            reg.Update()
             transform = reg.ConvertToItkTransform(reg.GetCombinationTransform())
         except Exception as exc:
-            detail = _last_log_error(Path(workdir) / "elastix.log") or _itk_message(exc)
-            raise CombiregError(f"elastix {kind} pre-alignment failed: {detail}") from None
+            raise CombiregError(f"elastix {kind} pre-alignment failed: {_itk_message(exc)}") from None
         matrix = _matrix_of_transform(transform, target.geometry)
     log.info("pre-alignment (%s): target -> source matrix\n%s", kind, np.array2string(matrix, precision=4))
     return matrix

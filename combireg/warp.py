@@ -31,6 +31,7 @@ __all__ = [
     "affine_displacement",
     "compose_affine",
     "sample_field_at",
+    "field_statistics",
 ]
 
 
@@ -221,3 +222,21 @@ def _check_affine(matrix: np.ndarray) -> np.ndarray:
     if matrix.shape != (4, 4) or not np.allclose(matrix[3], (0, 0, 0, 1)):
         raise ValueError(f"expected a 4x4 homogeneous affine matrix, got shape {matrix.shape}")
     return matrix
+
+
+def field_statistics(displacement_lps_mm: np.ndarray, geometry: Geometry) -> dict:
+    """What every method's ``report.json`` says of its forward field.
+
+    Returns
+    -------
+    dict
+        ``{"jacobian": {"min", "max", "percent_nonpositive"}, "displacement_mm": {"max", "mean"}}``;
+        a non-positive Jacobian determinant is a fold.
+    """
+    jac = jacobian_determinant(displacement_lps_mm, geometry)
+    norm = np.linalg.norm(np.asarray(displacement_lps_mm, dtype=np.float32), axis=-1)
+    return {
+        "jacobian": {"min": float(jac.min()), "max": float(jac.max()),
+                     "percent_nonpositive": float(100.0 * np.count_nonzero(jac <= 0) / jac.size)},
+        "displacement_mm": {"max": float(norm.max()), "mean": float(norm.mean())},
+    }

@@ -189,7 +189,7 @@ def register_ants(source: ImageLike, target: ImageLike, *, type_of_transform: st
     notify = callback or (lambda event: None)
     from .. import io
     from ..api import as_image
-    from ..warp import jacobian_determinant, warp_image
+    from ..warp import field_statistics, warp_image
 
     target_img = as_image(target, "target")
     source_img = as_image(source, "source")
@@ -231,8 +231,6 @@ def register_ants(source: ImageLike, target: ImageLike, *, type_of_transform: st
     result = AntsResult(u_mm, target_img.geometry, v_mm, source_img.geometry, warped, type_of_transform,
                         metric_channel, seed, {k: v for k, v in kwargs.items()})
     seconds["total"] = time.perf_counter() - start
-    jac = jacobian_determinant(u_mm, target_img.geometry)
-    norm = np.linalg.norm(u_mm, axis=-1)
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -254,8 +252,6 @@ def register_ants(source: ImageLike, target: ImageLike, *, type_of_transform: st
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "wall_time_s": round(seconds["total"], 3),
         "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
-        "jacobian": {"min": float(jac.min()), "max": float(jac.max()),
-                     "percent_nonpositive": float(100.0 * np.count_nonzero(jac <= 0) / jac.size)},
-        "displacement_mm": {"max": float(norm.max()), "mean": float(norm.mean())},
+        **field_statistics(u_mm, target_img.geometry),
     }
     return result

@@ -34,7 +34,7 @@ from ..errors import CombiregError
 from ..geometry import Geometry
 from ..image import Image
 
-__all__ = ["register_elastix", "ElastixResult", "default_parameter_map", "read_parameter_map",
+__all__ = ["register_elastix", "run_elastix", "ElastixResult", "default_parameter_map", "read_parameter_map",
            "expand_for_channels", "format_elastix_map", "METHOD"]
 
 METHOD = "elastix_bspline"
@@ -254,6 +254,42 @@ class _PoolThreader:
         return False
 
 
+def run_elastix(pairs: Sequence[tuple], parameter_map: ParameterMap, workdir: str | os.PathLike, *,
+                what: str = "elastix", fixed_mask=None, moving_mask=None):
+    """Run an itk-elastix registration in ``workdir`` (logging to a file there) and return it.
+
+    ``pairs`` are (fixed, moving) ITK images, one per metric. The caller holds ``workdir`` (a
+    temporary folder) for as long as it reads results: ITK pipelines are lazy.
+
+    Raises
+    ------
+    CombiregError
+        ``"<what> failed: <elastix's last log error>"``, not a stack trace.
+    """
+    itk = _itk()
+    parameters = itk.ParameterObject.New()
+    parameters.AddParameterMap(parameter_map)
+    reg = itk.ElastixRegistrationMethod[type(pairs[0][0]), type(pairs[0][1])].New()
+    for fixed, moving in pairs:
+        reg.AddFixedImage(fixed)
+        reg.AddMovingImage(moving)
+    if fixed_mask is not None:
+        reg.SetFixedMask(fixed_mask)
+    if moving_mask is not None:
+        reg.SetMovingMask(moving_mask)
+    reg.SetParameterObject(parameters)
+    reg.SetOutputDirectory(str(workdir))
+    reg.SetLogToConsole(False)
+    reg.SetLogToFile(True)
+    reg.SetLogFileName("elastix.log")
+    try:
+        reg.Update()
+    except Exception as exc:
+        detail = _last_log_error(Path(workdir) / "elastix.log") or _itk_message(exc)
+        raise CombiregError(f"{what} failed: {detail}") from None
+    return reg
+
+
 def register_elastix(source: ImageLike, target: ImageLike, *, parameter_file: str | os.PathLike | None = None,
                      callback: Callable[[dict], None] | None = None) -> ElastixResult:
     """Register ``source`` to ``target`` with elastix (B-spline by default), all channels at once.
@@ -303,22 +339,9 @@ def register_elastix(source: ImageLike, target: ImageLike, *, parameter_file: st
 
     notify({"stage": "elastix"})
     with _PoolThreader() as threader, tempfile.TemporaryDirectory(prefix="combireg-elastix-", ignore_cleanup_errors=True) as workdir:
-        po = itk.ParameterObject.New()
-        po.AddParameterMap(pm)
-        reg = itk.ElastixRegistrationMethod[type(fixed[0]), type(moving[0])].New()
-        for k in range(n_pairs):  # penalties get the first pair again (only its domain is used)
-            reg.AddFixedImage(fixed[k] if k < channels else fixed[0])
-            reg.AddMovingImage(moving[k] if k < channels else moving[0])
-        reg.SetParameterObject(po)
-        reg.SetOutputDirectory(workdir)
-        reg.SetLogToConsole(False)
-        reg.SetLogToFile(True)
-        reg.SetLogFileName("elastix.log")
-        try:
-            reg.Update()
-        except Exception as exc:
-            detail = _last_log_error(Path(workdir) / "elastix.log") or _itk_message(exc)
-            raise CombiregError(f"elastix failed: {detail}") from None
+        # penalties get the first pair again (only its domain is used)
+        pairs = [(fixed[k], moving[k]) if k < channels else (fixed[0], moving[0]) for k in range(n_pairs)]
+        reg = run_elastix(pairs, pm, workdir, what="elastix")
         t_reg = time.perf_counter() - start - t_prep
         notify({"stage": "field"})
         try:
@@ -370,15 +393,13 @@ def _report(result: ElastixResult, source: Image, target: Image, n_pairs: int, t
             seconds: dict) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    from ..warp import jacobian_determinant
+    from ..warp import field_statistics
 
     itk = _itk()
     try:
         elastix_version = version("itk-elastix")
     except PackageNotFoundError:
         elastix_version = "unknown"
-    jac = jacobian_determinant(result.displacement_lps_mm, result.target_geometry)
-    norm = np.linalg.norm(result.displacement_lps_mm, axis=-1)
     mtb = itk.MultiThreaderBase
     return {
         "method": METHOD,
@@ -394,10 +415,5 @@ def _report(result: ElastixResult, source: Image, target: Image, n_pairs: int, t
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "wall_time_s": round(seconds["total"], 3),
         "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
-        "jacobian": {
-            "min": float(jac.min()),
-            "max": float(jac.max()),
-            "percent_nonpositive": float(100.0 * np.count_nonzero(jac <= 0) / jac.size),
-        },
-        "displacement_mm": {"max": float(norm.max()), "mean": float(norm.mean())},
+        **field_statistics(result.displacement_lps_mm, result.target_geometry),
     }

@@ -503,10 +503,8 @@ def register_syn(source: ImageLike, target: ImageLike, *, settings: SynSettings 
 
 def _report(result: SynResult, source: Image, target: Image, levels: list, threader: str, itk,
             seconds: dict) -> dict:
-    from ..warp import jacobian_determinant
+    from ..warp import field_statistics
 
-    jac = jacobian_determinant(result.displacement_lps_mm, result.target_geometry)
-    norm = np.linalg.norm(result.displacement_lps_mm, axis=-1)
     # |u(x) + v(x + u(x))|: how well the written inverse undoes the forward field (mm)
     back = sample_field_at(result.inverse_displacement_lps_mm, result.source_geometry, result.target_geometry,
                      result.displacement_lps_mm)
@@ -530,12 +528,7 @@ def _report(result: SynResult, source: Image, target: Image, levels: list, threa
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "wall_time_s": round(seconds["total"], 3),
         "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
-        "jacobian": {
-            "min": float(jac.min()),
-            "max": float(jac.max()),
-            "percent_nonpositive": float(100.0 * np.count_nonzero(jac <= 0) / jac.size),
-        },
-        "displacement_mm": {"max": float(norm.max()), "mean": float(norm.mean())},
+        **field_statistics(result.displacement_lps_mm, result.target_geometry),
         "inverse_consistency_mm": {"mean": float(residual.mean()), "p99": float(np.percentile(residual, 99)),
                                    "max": float(residual.max())},
     }
