@@ -488,16 +488,9 @@ def n4_bias_correction(image: Image, mask: Image | None = None, *, shrink_factor
     factors = [max(1, min(int(shrink_factor), n // 8)) for n in geometry.size]
     small_geometry = geometry.shrink(factors) if max(factors) > 1 else geometry
     data = image.data.detach().to(torch.float32).cpu()
-    from .adapters.elastix import _PoolThreader
-
-    out = []
-    # Why the Pool threader: N4 under ITK's default (TBB) threader left TBB in a state that
-    # made the next elastix run 10-20x slower (a 0.5 s rigid test registration took 9 s, a
-    # 1 mm brain one minutes), which is exactly register()'s order (N4, then pre-alignment).
-    with _PoolThreader():
-        for k in range(image.num_channels):
-            out.append(_n4_channel(Image(data[k:k + 1], geometry), k, user_mask, small_geometry, iterations,
-                                   convergence_threshold, control_points, histogram_bins, bias_fwhm))
+    out = [_n4_channel(Image(data[k:k + 1], geometry), k, user_mask, small_geometry, iterations,
+                       convergence_threshold, control_points, histogram_bins, bias_fwhm)
+           for k in range(image.num_channels)]
     return Image(torch.stack(out).to(torch.float32), geometry)
 
 
@@ -621,11 +614,12 @@ def prealign(source: Image, target: Image, kind: str = "rigid", *, source_mask: 
         pm[str(key)] = [str(v) for v in ([values] if isinstance(values, (str, int, float)) else values)]
     with _PoolThreader(), tempfile.TemporaryDirectory(prefix="combireg-prealign-",
                                                       ignore_cleanup_errors=True) as workdir:
+        fixed_mask = None if target_inside is None else \
+            _itk_image(target_inside.astype(np.uint8), target.geometry, np.uint8)
+        moving_mask = None if source_inside is None else \
+            _itk_image(source_inside.astype(np.uint8), source.geometry, np.uint8)
         reg = run_elastix([(fixed, moving)], pm, workdir, what=f"elastix {kind} pre-alignment",
-                          fixed_mask=None if target_inside is None else
-                          _itk_image(target_inside.astype(np.uint8), target.geometry, np.uint8),
-                          moving_mask=None if source_inside is None else
-                          _itk_image(source_inside.astype(np.uint8), source.geometry, np.uint8))
+                          fixed_mask=fixed_mask, moving_mask=moving_mask)
         try:
             transform = reg.ConvertToItkTransform(reg.GetCombinationTransform())
         except Exception as exc:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from combireg.adapters.elastix import sync_elastix_clock
 from combireg import Geometry, Image, io
 from combireg import preprocess as pp
 from combireg.cli.main import main
@@ -229,6 +230,21 @@ def test_prealign_errors():
                     initialization="none", resolutions=1, iterations=5)
     with pytest.raises(CombiregError, match="another grid"):
         pp.prealign(source, target, source_mask=Image(torch.ones((1,) + target.geometry.shape), target.geometry))
+
+
+def test_sync_elastix_clock_puts_elastix_ahead_of_itk():
+    """elastix's own modification clock must not lag ITK's, or its pyramids re-run every iteration."""
+    import itk
+
+    probe = itk.Image[itk.F, 3].New()
+    clock = itk.ParameterObject.New()  # elastix's
+    clock.Modified()
+    for _ in range(max(0, clock.GetMTime() - probe.GetMTime()) + 5000):  # what reading or N4 do
+        probe.Modified()
+    assert sync_elastix_clock() > 5000
+    clock.Modified()
+    assert clock.GetMTime() > probe.GetMTime()
+    assert sync_elastix_clock() < 1000  # already ahead: only tops the margin up
 
 
 # ------------------------------------------------------------------ masks

@@ -17,6 +17,7 @@ Naming: source/target throughout, except where elastix calls them moving/fixed.
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import re
@@ -34,8 +35,10 @@ from ..errors import CombiregError
 from ..geometry import Geometry
 from ..image import Image
 
-__all__ = ["register_elastix", "run_elastix", "ElastixResult", "default_parameter_map", "read_parameter_map",
+__all__ = ["register_elastix", "run_elastix", "sync_elastix_clock", "ElastixResult", "default_parameter_map", "read_parameter_map",
            "expand_for_channels", "format_elastix_map", "METHOD"]
+
+log = logging.getLogger(__name__)
 
 METHOD = "elastix_bspline"
 
@@ -254,6 +257,39 @@ class _PoolThreader:
         return False
 
 
+def sync_elastix_clock() -> int:
+    """Advance itk-elastix's modification-time counter past ITK's own; call before elastix runs.
+
+    Why: the itk-elastix module carries its own copy of ITK's global modification-time counter.
+    Images made by the rest of ITK (reading files, N4, ``image_from_array``) are stamped by the
+    main counter, which after some work is far ahead of elastix's; elastix's internal pipeline
+    then sees its inputs as always newer than its own outputs and re-runs its image pyramids
+    (recursive Gaussian smoothing) at every iteration until its own counter catches up.
+    Measured: a rigid registration of a 2 mm brain right after N4 took 118 s instead of 1.6 s
+    (N4 had advanced the main counter by 38,000, elastix's stood at 91). Each ``Modified()``
+    on an elastix object advances elastix's counter by one (about 0.4 us each).
+
+    Returns
+    -------
+    int
+        How many steps elastix's counter was advanced (0 when it was already 1000 ahead).
+    """
+    itk = _itk()
+    probe = itk.Image[itk.F, 3].New()  # an object of the main ITK modules
+    probe.Modified()
+    clock = itk.ParameterObject.New()  # an object of the elastix module
+    clock.Modified()
+    # The margin covers the ITK objects made between this call and elastix's Update() (making
+    # one ITK object from Python advances ITK's clock by up to about a hundred).
+    steps = max(0, int(probe.GetMTime()) - int(clock.GetMTime()) + 1000)
+    bump = clock.Modified
+    for _ in range(steps):
+        bump()
+    if steps:
+        log.debug("advanced the elastix modification clock by %d", steps)
+    return steps
+
+
 def run_elastix(pairs: Sequence[tuple], parameter_map: ParameterMap, workdir: str | os.PathLike, *,
                 what: str = "elastix", fixed_mask=None, moving_mask=None):
     """Run an itk-elastix registration in ``workdir`` (logging to a file there) and return it.
@@ -282,6 +318,7 @@ def run_elastix(pairs: Sequence[tuple], parameter_map: ParameterMap, workdir: st
     reg.SetLogToConsole(False)
     reg.SetLogToFile(True)
     reg.SetLogFileName("elastix.log")
+    sync_elastix_clock()
     try:
         reg.Update()
     except Exception as exc:
@@ -352,6 +389,7 @@ def register_elastix(source: ImageLike, target: ImageLike, *, parameter_file: st
             transformix.SetComputeDeformationField(True)
             transformix.SetOutputDirectory(workdir)
             transformix.SetLogToConsole(False)
+            sync_elastix_clock()
             transformix.UpdateLargestPossibleRegion()
             # Copy to numpy while the work folder exists: ITK pipelines are lazy, and touching
             # the output later re-ran transformix after the folder was gone ("does not exist").
