@@ -438,7 +438,7 @@ def test_replace_refits_levels_and_weights():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["default.txt", "paper_io.txt", "mse.txt", "ncc.txt"])
+@pytest.mark.parametrize("name", ["default.txt", "paper_io.txt", "mse.txt", "ncc.txt", "drn_io.txt", "drn_only.txt"])
 def test_presets_parse_and_start_with_a_header(name):
     path = PRESETS / name
     text = path.read_text(encoding="utf-8")
