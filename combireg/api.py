@@ -36,7 +36,7 @@ from .warp import (
     warp_image,
 )
 
-__all__ = ["register", "Result", "write_outputs", "as_image", "estimate_memory_bytes", "available_memory_bytes",
+__all__ = ["register", "Result", "write_outputs", "as_image", "as_image_pair", "estimate_memory_bytes", "available_memory_bytes",
            "prepare_output_dir"]
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,22 @@ def as_image(value: ImageLike, role: str) -> Image:
     else:
         paths = [str(p) for p in value]
     return io.read_channels(paths, role=role)
+
+
+def as_image_pair(source: ImageLike, target: ImageLike) -> tuple[Image, Image]:
+    """``(source, target)`` as Images (see :func:`as_image`), checked for equal channel counts.
+
+    Raises
+    ------
+    CombiregError
+        Unreadable input, or channel counts that differ.
+    """
+    target_img = as_image(target, "target")
+    source_img = as_image(source, "source")
+    if source_img.num_channels != target_img.num_channels:
+        raise CombiregError(f"source has {source_img.num_channels} channel(s) but target has "
+                            f"{target_img.num_channels}; give the same count on both sides")
+    return source_img, target_img
 
 
 def _as_settings(params) -> Settings:
@@ -358,11 +374,7 @@ def register(source: ImageLike, target: ImageLike, params: Settings | ParamMap |
     settings = _as_settings(params)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CombiregError("--device cuda requested but no CUDA device is available")
-    target_img = as_image(target, "target")
-    source_img = as_image(source, "source")
-    if source_img.num_channels != target_img.num_channels:
-        raise CombiregError(f"source has {source_img.num_channels} channel(s) but target has "
-                            f"{target_img.num_channels}; give the same count on both sides")
+    source_img, target_img = as_image_pair(source, target)
     target_mask_img = _mask(target_mask, target_img, "target")
     source_mask_img = _mask(source_mask, source_img, "source")
     if is_model_init(init):

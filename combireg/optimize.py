@@ -28,7 +28,7 @@ from .losses import gradient_regulariser, local_stats, weighted_similarity
 from .params import Settings
 from .warp import gradient_scale, identity_grid, invert_normalised, upsample_normalised, warp_normalised
 
-__all__ = ["LevelReport", "FieldPair", "optimise_fields", "normalise_intensities", "level_image"]
+__all__ = ["LevelReport", "FieldPair", "optimise_fields", "torch_threads", "normalise_intensities", "level_image"]
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,8 @@ SINGLE_THREAD_VOXELS = 200_000
 
 
 @contextlib.contextmanager
-def _threads(count: int):
+def torch_threads(count: int):
+    """Run a block with ``count`` torch intra-op threads (at least 1), restoring the previous number."""
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, count))
     try:
@@ -179,7 +180,7 @@ def optimise_fields(source: torch.Tensor, target: torch.Tensor, geometry: Geomet
         if settings.bidirectional:
             backward = zeros.clone() if backward is None else upsample_normalised(backward.detach(), shape).clone()
         threads = 1 if level_geometry.num_voxels < SINGLE_THREAD_VOXELS else torch.get_num_threads()
-        with _threads(threads):
+        with torch_threads(threads):
             report = _optimise_level(src, tgt, forward, backward if settings.bidirectional else None,
                                      level_geometry, settings, level, callback, masks)
         levels.append(report)

@@ -54,7 +54,7 @@ from .network import (
     internal_geometry,
     to_internal_grid,
 )
-from .optimize import normalise_intensities
+from .optimize import normalise_intensities, torch_threads
 from .params import TrainingSettings, load_training_settings
 from .warp import gradient_scale, identity_grid, warp_normalised
 
@@ -655,14 +655,6 @@ def _refuse_other_config(path: Path, saved: dict, current: dict, skip_data: bool
                             f"{'; '.join(diffs)}); use the same data and parameters, or --overwrite to start afresh")
 
 
-@contextlib.contextmanager
-def _threads(count: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, count))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _mean_loss(network: RegistrationUNet, pairs: Sequence[TrainingPair], settings: TrainingSettings,
@@ -768,7 +760,7 @@ def train_drn(data: DataLike, params: TrainingSettings | str | os.PathLike | Non
     threads = settings.num_threads or (1 if voxels < _SINGLE_THREAD_VOXELS else torch.get_num_threads())
     grid = identity_grid(data.internal_shape)
     run_start = time.perf_counter()
-    with _threads(threads):
+    with torch_threads(threads):
         for epoch in range(start_epoch + 1, settings.epochs + 1):
             epoch_start = time.perf_counter()
             # Why (seed, epoch): the epoch's order and augmentation do not depend on how many

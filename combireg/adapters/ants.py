@@ -188,15 +188,11 @@ def register_ants(source: ImageLike, target: ImageLike, *, type_of_transform: st
     start = time.perf_counter()
     notify = callback or (lambda event: None)
     from .. import io
-    from ..api import as_image
+    from ..api import as_image_pair
     from ..warp import field_statistics, warp_image
 
-    target_img = as_image(target, "target")
-    source_img = as_image(source, "source")
+    source_img, target_img = as_image_pair(source, target)
     channels = target_img.num_channels
-    if source_img.num_channels != channels:
-        raise CombiregError(f"source has {source_img.num_channels} channel(s) but target has "
-                            f"{channels}; give the same count on both sides")
     if isinstance(metric_channel, bool) or not isinstance(metric_channel, int) or not 0 <= metric_channel < channels:
         raise CombiregError(f"metric_channel {metric_channel!r} does not exist: the images have {channels} channel(s)")
     kwargs = dict(registration_kwargs or {})

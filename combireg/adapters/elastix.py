@@ -360,14 +360,10 @@ def register_elastix(source: ImageLike, target: ImageLike, *, parameter_file: st
     pm_in = read_parameter_map(parameter_file) if parameter_file is not None else default_parameter_map()
     parameters_source = str(Path(parameter_file).absolute()) if parameter_file is not None else \
         "itk-elastix default bspline map"
-    from ..api import as_image
+    from ..api import as_image_pair
 
-    target_img = as_image(target, "target")
-    source_img = as_image(source, "source")
+    source_img, target_img = as_image_pair(source, target)
     channels = target_img.num_channels
-    if source_img.num_channels != channels:
-        raise CombiregError(f"source has {source_img.num_channels} channel(s) but target has "
-                            f"{channels}; give the same count on both sides")
     pm = expand_for_channels(pm_in, channels)
     n_pairs = len(pm.get("Metric", [])) if channels > 1 else 1
     fixed = [_to_itk(target_img, k) for k in range(channels)]

@@ -435,14 +435,10 @@ def register_syn(source: ImageLike, target: ImageLike, *, settings: SynSettings 
         raise CombiregError(f"{len(tuple(overrides['shrink_factors']))} shrink factor(s) but "
                             f"{len(settings.iterations)} iteration count(s); give iterations per level too")
     settings = dataclasses.replace(settings, **overrides)
-    from ..api import as_image
+    from ..api import as_image_pair
 
-    target_img = as_image(target, "target")
-    source_img = as_image(source, "source")
+    source_img, target_img = as_image_pair(source, target)
     channels = target_img.num_channels
-    if source_img.num_channels != channels:
-        raise CombiregError(f"source has {source_img.num_channels} channel(s) but target has "
-                            f"{channels}; give the same count on both sides")
     k = settings.metric_channel
     if k >= channels:
         raise CombiregError(f"metric_channel {k} does not exist: the images have {channels} channel(s)")
