@@ -5,12 +5,7 @@ import click
 
 from combireg.errors import CombiregError
 
-
-def _channels(value: str, role: str) -> list[str]:
-    paths = [p.strip() for p in value.split(",") if p.strip()]
-    if not paths:
-        raise CombiregError(f"{role}: no image file given")
-    return paths
+from .common import channel_paths, echo_registration
 
 
 @click.group()
@@ -41,12 +36,9 @@ def elastix(source: str, target: str, output: str, params: str | None, overwrite
     if params is not None:
         read_parameter_map(params)  # a bad file fails before any work
     outdir = prepare_output_dir(output, overwrite=overwrite)
-    result = register_elastix(_channels(source, "source"), _channels(target, "target"), parameter_file=params)
+    result = register_elastix(channel_paths(source, "source"), channel_paths(target, "target"), parameter_file=params)
     result.save(outdir, overwrite=overwrite)
-    rep = result.report
-    jac = rep["jacobian"]
-    click.echo(f"registered with elastix in {rep['wall_time_s']:.1f} s (peak memory {rep['peak_memory_mb']:.0f} MB); "
-               f"Jacobian min {jac['min']:.3f}, {jac['percent_nonpositive']:.3f}% folded")
+    echo_registration(result.report, "elastix")
     click.echo(f"results in {outdir}")
 
 
@@ -97,12 +89,9 @@ def syn(source: str, target: str, output: str, params: str | None, shrink: str |
         raise CombiregError("--shrink needs --iterations too (one count per level)")
     settings = dataclasses.replace(settings, **overrides)  # bad values fail before any work
     outdir = prepare_output_dir(output, overwrite=overwrite)
-    result = register_syn(_channels(source, "source"), _channels(target, "target"), settings=settings)
+    result = register_syn(channel_paths(source, "source"), channel_paths(target, "target"), settings=settings)
     result.save(outdir, overwrite=overwrite)
-    rep = result.report
-    jac = rep["jacobian"]
-    click.echo(f"registered with ITK SyN in {rep['wall_time_s']:.1f} s (peak memory {rep['peak_memory_mb']:.0f} MB); "
-               f"Jacobian min {jac['min']:.3f}, {jac['percent_nonpositive']:.3f}% folded")
+    echo_registration(result.report, "ITK SyN")
     click.echo(f"results in {outdir}")
 
 
@@ -128,12 +117,8 @@ def ants(source: str, target: str, output: str, type_of_transform: str, channel:
 
     require_ants()  # a missing package fails before anything else
     outdir = prepare_output_dir(output, overwrite=overwrite)
-    result = register_ants(_channels(source, "source"), _channels(target, "target"),
+    result = register_ants(channel_paths(source, "source"), channel_paths(target, "target"),
                            type_of_transform=type_of_transform, metric_channel=channel, seed=seed)
     result.save(outdir, overwrite=overwrite)
-    rep = result.report
-    jac = rep["jacobian"]
-    click.echo(f"registered with ANTs {type_of_transform} in {rep['wall_time_s']:.1f} s "
-               f"(peak memory {rep['peak_memory_mb']:.0f} MB); "
-               f"Jacobian min {jac['min']:.3f}, {jac['percent_nonpositive']:.3f}% folded")
+    echo_registration(result.report, f"ANTs {type_of_transform}")
     click.echo(f"results in {outdir}")

@@ -9,12 +9,7 @@ import click
 from combireg.errors import CombiregError
 from combireg.preprocess import ORIENTATION_CODES
 
-
-def _channels(value: str, role: str) -> list[str]:
-    paths = [p.strip() for p in value.split(",") if p.strip()]
-    if not paths:
-        raise CombiregError(f"{role}: no image file given")
-    return paths
+from .common import channel_paths
 
 
 def _spacing(value: str | None):
@@ -107,7 +102,7 @@ def preprocess(image: str, output: str, n4: bool, mask: str | None, align_to: st
     if not (n4 or align_to or orient or spacing_mm is not None):
         raise CombiregError("nothing to do: give at least one of --n4, --align-to, --orient, --spacing")
     outdir = prepare_output_dir(output, overwrite=overwrite)
-    paths = _channels(image, "image")
+    paths = channel_paths(image, "image")
     img = io.read_channels(paths, role="image")
     image_mask = pp.load_mask(mask, img.geometry, role="image") if mask else None
     target = tmask = None

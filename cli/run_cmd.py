@@ -6,12 +6,7 @@ import click
 from combireg.errors import CombiregError
 from combireg.landmarks import LANDMARK_SPACES
 
-
-def _channels(value: str, role: str) -> list[str]:
-    paths = [p.strip() for p in value.split(",") if p.strip()]
-    if not paths:
-        raise CombiregError(f"{role}: no image file given")
-    return paths
+from .common import channel_paths, echo_registration
 
 
 def _load_landmarks(source: list[str], target: list[str], target_landmarks: str | None,
@@ -75,7 +70,7 @@ def run(source: str, target: str, output: str, params: str | None, init: str | N
 
     settings = load_settings(params)
     outdir = prepare_output_dir(output, overwrite=overwrite)
-    source_in, target_in = _channels(source, "source"), _channels(target, "target")
+    source_in, target_in = channel_paths(source, "source"), channel_paths(target, "target")
     landmarks = None
     if target_landmarks or source_landmarks:
         source_in, target_in, landmarks = _load_landmarks(source_in, target_in, target_landmarks,
@@ -103,10 +98,7 @@ def run(source: str, target: str, output: str, params: str | None, init: str | N
         result.report["tre"] = {"target_landmarks": target_landmarks, "source_landmarks": source_landmarks,
                                 **tre.to_dict()}
     result.save(outdir, overwrite=overwrite)
-    rep = result.report
-    jac = rep["jacobian"]
-    click.echo(f"registered in {rep['wall_time_s']:.1f} s (peak memory {rep['peak_memory_mb']:.0f} MB); "
-               f"Jacobian min {jac['min']:.3f}, {jac['percent_nonpositive']:.3f}% folded")
+    echo_registration(result.report)
     if tre is not None:
         st = tre.statistics
         click.echo(f"TRE {st['initial_mean']:.3f} -> {st['mean']:.3f} mm mean (median {st['initial_median']:.3f} -> "

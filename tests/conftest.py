@@ -68,3 +68,12 @@ def itk_warp_with_field(source_path, outdir) -> tuple[np.ndarray, np.ndarray]:
     theirs = itk.resample_image_filter(moving, transform=transform, use_reference_image=True,
                                        reference_image=ours, default_pixel_value=0.0)
     return itk.array_from_image(ours), itk.array_from_image(theirs)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with one torch thread (restored afterwards)."""
+    from combireg.optimize import torch_threads
+
+    with torch_threads(1):
+        yield

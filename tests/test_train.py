@@ -40,12 +40,8 @@ TINY_FILE = """// tiny settings for tests
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only cost on a busy 2-core machine
-    yield
-    torch.set_num_threads(previous)
+# tiny tensors: threads only cost on a busy 2-core machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pairs(n: int, seed: int = 0) -> list[tuple[Image, Image]]:
