@@ -216,15 +216,14 @@ def _init_fields(init, source: Image, target: Image, work_geometry: Geometry, se
         return None, None, None
     first = work_geometry.shrink(settings.pyramid_schedule[0])
     if is_model_init(init):
-        from .network import DrnModel, field_onto_grid, load_model
+        from .network import DrnModel, load_model
 
         clock = time.perf_counter()
         model = init if isinstance(init, DrnModel) else load_model(init)
         forward_n, backward_n, grid = model.predict_normalised(source, target)
         # Through LPS mm: the working grid may have another orientation or field of view than
         # the DRN's internal grid (which spans the target's).
-        on_first = [lps_mm_to_normalised(field_onto_grid(torch.from_numpy(normalised_to_lps_mm(f, grid))
-                                                         .permute(3, 0, 1, 2)[None], grid, first), first, device)
+        on_first = [lps_mm_to_normalised(resample_field(normalised_to_lps_mm(f, grid), grid, first), first, device)
                     for f in (forward_n, backward_n)]
         note = {"kind": "drn", "model": str(getattr(model, "path", None) or init),
                 "seconds": round(time.perf_counter() - clock, 3)}

@@ -20,12 +20,8 @@ from combireg.warp import identity_grid, normalised_per_mm, warp_normalised
 from tests.conftest import image_from_world_function, oblique_direction, smooth_pattern
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only cost on a busy 2-core machine
-    yield
-    torch.set_num_threads(previous)
+# tiny tensors: threads only cost on a busy 2-core machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny_model(channels: int = 2, shape=(12, 14, 10), seed: int = 0, scale: float = 0.0) -> DrnModel:
@@ -226,16 +222,3 @@ def test_bad_model_files(tmp_path, monkeypatch):
     assert load_model("drn").internal_shape == (12, 14, 10)
 
 
-def test_field_onto_grid_matches_world_resampling(oblique_geometry):
-    from combireg.network import field_onto_grid
-    from combireg.warp import resample_field
-
-    grid = internal_geometry(oblique_geometry, (7, 9, 8))
-    torch.manual_seed(1)
-    field = torch.randn(1, 3, 7, 9, 8)
-    field_mm = field[0].permute(1, 2, 3, 0).numpy()
-    other = Geometry((21, 17, 19), origin=(0.0, -10.0, 25.0), spacing=(2.1, 1.9, 2.3),
-                     direction=tuple(oblique_direction(40.0).ravel()))
-    for destination in (oblique_geometry, other):  # same field of view (up-sampling), and another grid
-        np.testing.assert_allclose(field_onto_grid(field, grid, destination),
-                                   resample_field(field_mm, grid, destination), atol=2e-5)

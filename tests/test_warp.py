@@ -85,3 +85,20 @@ def test_gradient_scale_is_resolution_independent(oblique_geometry):
         values.append(float(gradient_regulariser(n, warp.gradient_scale(geom))))
     assert values[0] == pytest.approx(3 * 0.05 ** 2, rel=1e-3)
     assert values[1] == pytest.approx(values[0], rel=1e-3)
+
+
+def test_resample_field_matches_world_coordinate_sampling(oblique_geometry):
+    """The affine_grid fast path equals sampling at float64 world points of every voxel."""
+    from tests.conftest import oblique_direction
+
+    # a coarse grid with the oblique grid's field of view (first and last voxel centres kept)
+    size = (7, 9, 8)
+    spacing = np.asarray(oblique_geometry.extent_mm) / (np.asarray(size) - 1)
+    grid = Geometry(size, oblique_geometry.origin, tuple(spacing), oblique_geometry.direction)
+    field = torch.randn(8, 9, 7, 3, generator=torch.Generator().manual_seed(1)).numpy()
+    other = Geometry((21, 17, 19), origin=(0.0, -10.0, 25.0), spacing=(2.1, 1.9, 2.3),
+                     direction=tuple(oblique_direction(40.0).ravel()))
+    for destination in (oblique_geometry, other):  # same field of view (up-sampling), and another grid
+        reference = warp.sample_field_at(field, grid, destination, np.zeros(destination.shape + (3,)))
+        np.testing.assert_allclose(warp.resample_field(field, grid, destination), reference, atol=2e-5)
+    assert warp.same_field_of_view(grid, oblique_geometry) and not warp.same_field_of_view(grid, other)
