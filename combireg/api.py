@@ -48,6 +48,8 @@ FIELD_NAME = "field.nii.gz"
 INVERSE_FIELD_NAME = "field_inverse.nii.gz"
 PARAMS_NAME = "params.txt"
 REPORT_NAME = "report.json"
+#: Written only with ``(CorrespondenceWeighting "true")``: the final similarity weight on the target grid.
+CORRESPONDENCE_WEIGHT_NAME = "correspondence_weight.nii.gz"
 
 
 def warped_name(k: int) -> str:
@@ -70,6 +72,10 @@ class Result:
         Source channels warped into target space, original intensities.
     settings : Settings
     report : dict
+    correspondence_weight : Image or None
+        With ``(CorrespondenceWeighting "true")``: the final similarity weight in [0, 1] on the
+        target grid, low where the forward and backward fields disagree (missing
+        correspondence, e.g. a resection cavity); None otherwise.
     """
 
     displacement_lps_mm: np.ndarray
@@ -79,6 +85,7 @@ class Result:
     warped: Image
     settings: Settings
     report: dict = field(default_factory=dict)
+    correspondence_weight: Image | None = None
 
     def save(self, outdir: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write every output into ``outdir`` atomically (temporary folder beside it, then rename)."""
@@ -91,7 +98,9 @@ def write_outputs(outdir: str | os.PathLike, result, params_text: str, *, overwr
 
     ``result`` has ``displacement_lps_mm``, ``target_geometry``, ``inverse_displacement_lps_mm``,
     ``source_geometry``, ``warped`` and ``report`` (a :class:`Result` or a baseline's result), so
-    every method writes the same files the same way. Written whole or not at all.
+    every method writes the same files the same way; a ``correspondence_weight`` Image, where
+    the result has one that is not None, is written as ``correspondence_weight.nii.gz``. Written
+    whole or not at all.
     """
     from . import io
 
@@ -101,6 +110,9 @@ def write_outputs(outdir: str | os.PathLike, result, params_text: str, *, overwr
                  result.source_geometry)]
         jobs += [(io.write_image, tmp / warped_name(k), result.warped.channel(k), None)
                  for k in range(result.warped.num_channels)]
+        weight = getattr(result, "correspondence_weight", None)
+        if weight is not None:
+            jobs.append((io.write_image, tmp / CORRESPONDENCE_WEIGHT_NAME, weight, None))
         # Why threads: gzip dominates writing a 1 mm field and zlib releases the GIL, so the
         # files compress in parallel.
         with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
@@ -410,7 +422,23 @@ def register(source: ImageLike, target: ImageLike, params: Settings | ParamMap |
     result.report = _report(result, fields, settings, device, source_img, target_img, seconds)
     result.report["preprocessing"] = prepared.notes
     result.report["init"] = init_note
+    if settings.metric_weighting != "fixed":
+        result.report["metric_weights"] = {"mode": settings.metric_weighting,
+                                           "final": result.report["levels"][-1]["metric_weights"]
+                                           if fields.levels else {}}
+    if result.correspondence_weight is not None:
+        result.report["correspondence"] = _correspondence_summary(result.correspondence_weight, fields.correspondence)
     return result
+
+
+def _correspondence_summary(weight: Image, info: dict | None) -> dict:
+    """report.json's summary of the final correspondence weight (on the target grid)."""
+    values = weight.data
+    return {"file": CORRESPONDENCE_WEIGHT_NAME,
+            "fraction_below_0.5": round(float((values < 0.5).float().mean()), 6),
+            "mean_weight": round(float(values.mean()), 6),
+            "error_scale_mm": round(float(info["error_scale_mm"]), 6) if info else None,
+            "capped": bool(info["capped"]) if info else False}
 
 
 def _finish(fields: FieldPair, source: Image, target: Image, prepared: _Prepared, settings: Settings) -> Result:
@@ -431,7 +459,13 @@ def _finish(fields: FieldPair, source: Image, target: Image, prepared: _Prepared
         to_optimised = affine_displacement(np.linalg.inv(prepared.affine), source.geometry)
         v_mm = to_optimised + sample_field_at(w_work, work, source.geometry, to_optimised)
     warped = warp_image(source, target.geometry, u_mm)
-    return Result(u_mm, target.geometry, v_mm, source.geometry, warped, settings)
+    weight = None
+    if fields.correspondence_weight is not None:
+        # Like the fields: up to the working grid, then onto the target grid in world coordinates.
+        on_work = Image(upsample_normalised(fields.correspondence_weight.cpu(), work.shape)[0], work)
+        weight = resample_image(on_work, target.geometry, padding_mode="border")
+        weight = Image(weight.data.clamp(0.0, 1.0), target.geometry)
+    return Result(u_mm, target.geometry, v_mm, source.geometry, warped, settings, correspondence_weight=weight)
 
 
 def _package_version(name: str) -> str:

@@ -12,7 +12,8 @@ import torch
 
 from .filters import box_filter
 
-__all__ = ["mse", "local_ncc", "global_ncc", "gradient_regulariser", "SIMILARITIES", "weighted_similarity"]
+__all__ = ["mse", "local_ncc", "global_ncc", "mutual_information", "gradient_regulariser", "SIMILARITIES",
+           "weighted_similarity"]
 
 # Why so small: with intensities in [0, 1], a smooth region's local variance is ~1e-3..1e-4, so
 # var*var is ~1e-6..1e-8; VoxelMorph's 1e-5 would dominate there and reward warps that merely
@@ -131,21 +132,167 @@ def global_ncc(warped: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | 
     return 1.0 - (num / den).mean()
 
 
+#: Default number of joint-histogram bins per image for :func:`mutual_information` (elastix's
+#: ``NumberOfHistogramBins`` default).
+MI_BINS = 32
+
+
+def mutual_information(warped: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, *,
+                       bins: int = MI_BINS, **_) -> torch.Tensor:
+    """Negative Parzen-window (Mattes) mutual information ``-MI(warped, target)`` in nats.
+
+    Each intensity ``I`` (clamped to [0, 1]) is spread over ``bins`` histogram bins by a cubic
+    B-spline Parzen window ``beta3`` (Mattes et al. 2003, as elastix's
+    ``AdvancedMattesMutualInformation``): with the bin coordinate ``x = 1 + I (bins - 3)``, bin ``k``
+    receives ``beta3(x - k)``. The window spans 4 bins, so ``bins`` also sets the kernel width
+    (4 / (bins - 3) of the intensity range); bins 0 and ``bins - 1`` only catch the window's tails
+    at the ends of the range. The (weighted) joint histogram over all voxels::
+
+        p(k, l) = sum_i m_i beta3(x_i - k) beta3(y_i - l) / sum_i m_i
+
+    (x from ``warped``, y from ``target``, m the voxel weight) gives::
+
+        MI = H(A) + H(B) - H(A, B) = sum_kl p(k, l) log(p(k, l) / (p_A(k) p_B(l)))
+
+    and the loss is ``-MI`` (lower is better, as elastix reports it), averaged over channels
+    (and batch items). It is 0 for independent images and about ``-H(A)`` for identical ones (a
+    little above: the window blurs the joint histogram's diagonal). Like any MI it is unchanged by a monotone (increasing or decreasing)
+    remapping of either image's intensities, up to how the remapping moves values between bins.
+
+    Every voxel is used (no sampling, so the value is deterministic): the histogram is built
+    sparsely, 16 scatter passes of one value per voxel, so memory is O(voxels), not
+    O(voxels * bins) as a dense soft-binning matrix would be.
+
+    Parameters
+    ----------
+    warped, target : Tensor, (N, C, Z, Y, X)
+        Intensities roughly in [0, 1]; values outside are clamped (and get no gradient).
+        Gradients flow to ``warped`` only.
+    mask : Tensor, (N, 1 or C, Z, Y, X), optional
+        Voxel weights >= 0 (a weighted histogram); a voxel with weight 0 does not count.
+        Treated as constant (detached), like :func:`local_ncc`'s.
+    bins : int
+        Histogram bins per image, >= 4.
+
+    Returns
+    -------
+    Tensor, ()
+        ``-MI``, between ``-log(bins)`` and 0.
+    """
+    if bins < 4:
+        raise ValueError(f"mutual_information needs bins >= 4 (the B-spline window spans 4 bins), got {bins}")
+    if warped.shape != target.shape:
+        raise ValueError(f"warped {tuple(warped.shape)} and target {tuple(target.shape)} differ in shape")
+    pairs = warped.shape[0] * warped.shape[1]
+    flat_w = warped.reshape(pairs, -1)
+    flat_t = target.detach().reshape(pairs, -1).to(warped.dtype)
+    if mask is None:
+        weight = None
+        total = flat_w.new_full((pairs,), float(flat_w.shape[1]))
+    else:
+        weight = mask.detach().to(warped.dtype).expand_as(warped).reshape(pairs, -1)
+        total = weight.sum(dim=1).clamp_min(1e-12)
+    # The target does not move: its bins and window weights enter the histogram as constants.
+    first_t, weights_t = _parzen_bins(flat_t, bins)
+    if weight is not None:
+        weights_t = weights_t * weight.unsqueeze(0)
+    offsets = torch.arange(pairs, device=warped.device).unsqueeze(1) * (bins * bins)
+    base_t = offsets + first_t  # flat index of the target's first bin in each pair's histogram
+    joint = _JointHistogram.apply(flat_w, base_t, weights_t, bins).view(pairs, bins, bins)
+    p = joint / total.view(pairs, 1, 1)
+    # MI = sum p log p - sum p_A log p_A - sum p_B log p_B (the entropies with their signs).
+    mi = _plogp(p).sum((1, 2)) - _plogp(p.sum(2)).sum(1) - _plogp(p.sum(1)).sum(1)
+    return -mi.mean()
+
+
+def _plogp(p: torch.Tensor) -> torch.Tensor:
+    # Why the clamp, not xlogy: xlogy(p, p)'s gradient is nan at empty bins (0/0); here an empty
+    # bin contributes 0 and a finite gradient that every voxel's weight for that bin (0) cancels.
+    return p * torch.log(p.clamp_min(1e-30 if p.dtype == torch.float64 else 1e-20))
+
+
+def _parzen_bins(values: torch.Tensor, bins: int, *, derivative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cubic B-spline Parzen window of intensities ``values`` over ``bins`` bins.
+
+    Returns the first of the 4 bins each value touches (long, same shape as ``values``) and the
+    window's weights for those 4 bins, (4, ...), or with ``derivative`` the weights' derivatives
+    with respect to the *intensity* (only one of the two: the backward pass needs no weights).
+    """
+    x = 1.0 + values.clamp(0.0, 1.0) * (bins - 3)
+    # Why the clamp at bins - 3: at I = 1 (x = bins - 2) the window then covers bins
+    # bins - 4 .. bins - 1 with fraction 1 instead of reaching a bin past the end with weight 0.
+    lower = torch.floor(x).clamp(1, bins - 3)
+    t = x - lower
+    s = 1.0 - t
+    t2 = t * t
+    first = lower.long() - 1
+    if derivative:
+        # d beta / dI = d beta / dt * dx / dI; clamped values have no intensity derivative.
+        inside = ((values >= 0.0) & (values <= 1.0)).to(values.dtype) * (bins - 3)
+        return first, torch.stack([-0.5 * s * s, 1.5 * t2 - 2.0 * t, -1.5 * t2 + t + 0.5, 0.5 * t2]) * inside
+    return first, torch.stack([s * s * s / 6.0, (3.0 * t2 * t - 6.0 * t2 + 4.0) / 6.0,
+                               (-3.0 * t2 * t + 3.0 * t2 + 3.0 * t + 1.0) / 6.0, t2 * t / 6.0])
+
+
+class _JointHistogram(torch.autograd.Function):
+    """Parzen joint histogram of ``warped`` against fixed target bins, with a sparse backward.
+
+    Why hand-written: autograd through 16 scatters would keep 16 index (int64) and 16 value
+    tensors per call (~200 MB on a 100^3 volume); the backward here recomputes the window from ``warped``
+    and gathers the histogram's gradient at the same 16 bins, O(voxels) memory.
+
+    ``h[a + da, b + db] += w_da(I) * v_db`` for each voxel, ``a``, ``w`` from ``warped``
+    (first bin, window weights) and ``b``, ``v`` given (target bins and weights times the voxel
+    weight), so ``dL/dI = sum_{da, db} G[a + da, b + db] w'_da(I) v_db``.
+    """
+
+    @staticmethod
+    def forward(ctx, warped, base_t, weights_t, bins):
+        first_w, weights_w = _parzen_bins(warped.detach(), bins)
+        base = base_t + first_w * bins
+        hist = warped.new_zeros(warped.shape[0] * bins * bins)
+        for da in range(4):
+            for db in range(4):
+                hist.index_add_(0, (base + (da * bins + db)).view(-1), (weights_w[da] * weights_t[db]).view(-1))
+        ctx.save_for_backward(warped, base_t, weights_t)
+        ctx.bins = bins
+        return hist
+
+    @staticmethod
+    def backward(ctx, grad_hist):
+        warped, base_t, weights_t = ctx.saved_tensors
+        bins = ctx.bins
+        first_w, slopes_w = _parzen_bins(warped, bins, derivative=True)
+        base = base_t + first_w * bins
+        grad_hist = grad_hist.contiguous()
+        grad = torch.zeros_like(warped)
+        for da in range(4):
+            inner = torch.zeros_like(warped)
+            for db in range(4):
+                inner += grad_hist.take(base + (da * bins + db)) * weights_t[db]
+            grad += inner * slopes_w[da]
+        return grad, None, None, None
+
+
 SIMILARITIES: dict[str, Callable[..., torch.Tensor]] = {
     "MSE": mse,
     "NCC": local_ncc,
     "GlobalNCC": global_ncc,
+    "MI": mutual_information,
 }
 
 
 def weighted_similarity(warped: torch.Tensor, target: torch.Tensor, metrics: Sequence[str],
                         weights: Sequence[float], *, window: int, target_stats=None,
-                        mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """``sum_n w_n * Sim_n(warped, target)``; also returns each term's value (floats) by name."""
+                        mask: torch.Tensor | None = None, bins: int = MI_BINS) -> tuple[torch.Tensor, dict]:
+    """``sum_n w_n * Sim_n(warped, target)``; also returns each term's value (floats) by name.
+
+    ``window`` and ``target_stats`` are for local NCC, ``bins`` for MI; each term ignores the others.
+    """
     total = warped.new_zeros(())
     terms = {}
     for name, weight in zip(metrics, weights):
-        value = SIMILARITIES[name](warped, target, mask, window=window, target_stats=target_stats)
+        value = SIMILARITIES[name](warped, target, mask, window=window, target_stats=target_stats, bins=bins)
         terms[name] = float(value.detach())
         if weight:
             total = total + weight * value

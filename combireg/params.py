@@ -54,11 +54,13 @@ __all__ = [
 ParamMap = dict[str, tuple[str, ...]]
 
 #: Similarity metrics the ``Metric`` key accepts. Adding one here is all the schema needs.
-METRICS: tuple[str, ...] = ("MSE", "NCC", "GlobalNCC")
+METRICS: tuple[str, ...] = ("MSE", "NCC", "GlobalNCC", "MI")
 #: Optimisers the ``Optimizer`` key accepts.
 OPTIMIZERS: tuple[str, ...] = ("Adam",)
 #: Pre-alignment before the deformable optimisation (itk-elastix), composed into the field.
 PRE_ALIGNMENTS: tuple[str, ...] = ("none", "rigid", "affine")
+#: How the metric weights are set: the Metric<n>Weight values, or balanced by gradient norms.
+METRIC_WEIGHTINGS: tuple[str, ...] = ("fixed", "adaptive")
 
 
 def _orientation_codes() -> tuple[str, ...]:
@@ -148,6 +150,12 @@ SCHEMA: tuple[KeySpec, ...] = (
         minimum=3, odd=True,
     ),
     KeySpec(
+        "NumberOfHistogramBins", "int", "per-level", ("32",),
+        "Joint-histogram bins per image of the MI metric (cubic B-spline Parzen window spanning 4 bins, "
+        "so more bins also means a narrower window), >= 4, per resolution.",
+        minimum=4,
+    ),
+    KeySpec(
         "RegularizationWeight", "float", "per-level", ("0.3", "0.3", "0.1"),
         "lambda of the diffusion regulariser lambda * |grad u|^2, >= 0, per resolution.",
         minimum=0.0,
@@ -190,6 +198,56 @@ SCHEMA: tuple[KeySpec, ...] = (
         "Weight of the penalty that couples the forward and backward transforms, >= 0 "
         "(used when Bidirectional is true).",
         minimum=0.0,
+    ),
+    KeySpec(
+        "MetricWeighting", "str", "1", ("fixed",),
+        "How the metrics are weighted: \"fixed\" (the Metric<n>Weight values) or \"adaptive\" (every "
+        "MetricWeightingInterval iterations each weight is set proportional to Metric<n>Weight / |dSim_n/du|, "
+        "the norm of that metric's gradient with respect to the fields, normalised to sum 1 and averaged with "
+        "the previous weights, so that every metric moves the field about equally much; the mixed similarity "
+        "is scaled so that its gradient keeps the size it has with the fixed weights, which keeps the meaning "
+        "of RegularizationWeight; needs 2 or more metrics; the final weights of each level are in report.json).",
+        choices=METRIC_WEIGHTINGS,
+    ),
+    KeySpec(
+        "MetricWeightingInterval", "int", "1", ("10",),
+        "Iterations between updates of the adaptive metric weights, >= 1 (used when MetricWeighting is "
+        "\"adaptive\").",
+        minimum=1,
+    ),
+    KeySpec(
+        "CorrespondenceWeighting", "bool", "1", ("false",),
+        "Missing-correspondence handling without a segmentation (\"true\" or \"false\"; needs Bidirectional "
+        "\"true\"): where the forward and backward fields are not inverse to each other (forward-backward "
+        "error e(x) = |u(x) + v(x + u(x))| mm, Gaussian-smoothed; e.g. a resection cavity) the similarity "
+        "weight drops to w = exp(-(e / CorrespondenceErrorScale)^4), updated every CorrespondenceUpdateInterval "
+        "iterations; empty background (normalised intensity <= 0.05) keeps w = 1; the final weight on the "
+        "target grid is written as correspondence_weight.nii.gz.",
+    ),
+    KeySpec(
+        "CorrespondenceErrorScale", "float", "1", ("2",),
+        "Forward-backward error in mm at which the correspondence weight falls to exp(-1) = 0.37 (about 1 "
+        "below half of it, about 0 above 1.5 times it), > 0.",
+        minimum=0.0, minimum_exclusive=True,
+    ),
+    KeySpec(
+        "CorrespondenceSmoothing", "float", "1", ("2",),
+        "Standard deviation in mm of the Gaussian smoothing of the forward-backward error before it becomes "
+        "a weight, >= 0.",
+        minimum=0.0,
+    ),
+    KeySpec(
+        "CorrespondenceMaximumExclusion", "float", "1", ("0.1",),
+        "Cap on the excluded share of the image, mean(1 - w) over the voxels with content, > 0 and <= 0.5: "
+        "when the errors would exclude more, the error scale is raised until exactly this share is excluded "
+        "(only the largest errors then count), so the weight can never switch off most of the similarity.",
+        minimum=0.0, minimum_exclusive=True, maximum=0.5,
+    ),
+    KeySpec(
+        "CorrespondenceUpdateInterval", "int", "1", ("10",),
+        "Iterations between updates of the correspondence weight, >= 1 (also updated at the start of each "
+        "level and at the end).",
+        minimum=1,
     ),
     KeySpec(
         "PreAlignment", "str", "1", ("none",),
@@ -501,6 +559,16 @@ class Settings:
     bias_field_correction: bool = False
     working_spacing: float = 0.0
     working_orientation: str = "none"
+    metric_weighting: str = "fixed"
+    metric_weighting_interval: int = 10
+    correspondence_weighting: bool = False
+    correspondence_error_scale: float = 2.0
+    correspondence_smoothing: float = 2.0
+    correspondence_max_exclusion: float = 0.1
+    correspondence_interval: int = 10
+    # Why a default: fields added after the first release keep direct construction working;
+    # settings_from_map always gives one value per level.
+    histogram_bins: tuple[int, ...] = (32,)
     source: str = field(default="<defaults>", compare=False)
 
     def to_parameter_map(self) -> ParamMap:
@@ -509,6 +577,7 @@ class Settings:
         for i, weight in enumerate(self.metric_weights):
             pm[_weight_key(i)] = (_fmt_float(weight),)
         pm["NCCWindowSize"] = tuple(str(int(v)) for v in self.ncc_window)
+        pm["NumberOfHistogramBins"] = tuple(str(int(v)) for v in self.histogram_bins)
         pm["RegularizationWeight"] = tuple(_fmt_float(v) for v in self.regularization_weight)
         pm["NumberOfResolutions"] = (str(int(self.num_levels)),)
         pm["ImagePyramidSchedule"] = tuple(str(int(f)) for lvl in self.pyramid_schedule for f in lvl)
@@ -517,6 +586,13 @@ class Settings:
         pm["Optimizer"] = (self.optimizer,)
         pm["Bidirectional"] = ("true" if self.bidirectional else "false",)
         pm["InverseConsistencyWeight"] = (_fmt_float(self.inverse_consistency_weight),)
+        pm["MetricWeighting"] = (self.metric_weighting,)
+        pm["MetricWeightingInterval"] = (str(int(self.metric_weighting_interval)),)
+        pm["CorrespondenceWeighting"] = ("true" if self.correspondence_weighting else "false",)
+        pm["CorrespondenceErrorScale"] = (_fmt_float(self.correspondence_error_scale),)
+        pm["CorrespondenceSmoothing"] = (_fmt_float(self.correspondence_smoothing),)
+        pm["CorrespondenceMaximumExclusion"] = (_fmt_float(self.correspondence_max_exclusion),)
+        pm["CorrespondenceUpdateInterval"] = (str(int(self.correspondence_interval)),)
         pm["PreAlignment"] = (self.pre_alignment,)
         pm["BiasFieldCorrection"] = ("true" if self.bias_field_correction else "false",)
         pm["WorkingSpacing"] = (_fmt_float(self.working_spacing),)
@@ -555,6 +631,7 @@ class Settings:
 # Field name in Settings -> key in a parameter file, for per-level fields.
 _PER_LEVEL_FIELDS = {
     "ncc_window": "NCCWindowSize",
+    "histogram_bins": "NumberOfHistogramBins",
     "regularization_weight": "RegularizationWeight",
     "iterations": "MaximumNumberOfIterations",
     "learning_rate": "LearningRate",
@@ -779,6 +856,27 @@ def _values(typed: dict[str, tuple], key: str, loc: _Locator) -> tuple:
     return _check_key(key, spec, spec.default, loc)
 
 
+def _weighting_settings(typed: dict[str, tuple], metrics: tuple[str, ...], loc: _Locator) -> dict:
+    """Settings fields of the adaptive metric weights and the correspondence weighting, cross-checked."""
+    weighting = _single(typed, "MetricWeighting", loc)
+    if weighting == "adaptive" and len(metrics) < 2:
+        raise loc.error("MetricWeighting", f"MetricWeighting \"adaptive\" balances 2 or more metrics; "
+                                           f"Metric lists {len(metrics)}{loc.line_note('Metric')}")
+    correspondence = _single(typed, "CorrespondenceWeighting", loc)
+    if correspondence and not _single(typed, "Bidirectional", loc):
+        raise loc.error("CorrespondenceWeighting", "CorrespondenceWeighting \"true\" compares the forward and "
+                                                   "backward fields, so it needs (Bidirectional \"true\")")
+    return dict(
+        metric_weighting=weighting,
+        metric_weighting_interval=_single(typed, "MetricWeightingInterval", loc),
+        correspondence_weighting=correspondence,
+        correspondence_error_scale=float(_single(typed, "CorrespondenceErrorScale", loc)),
+        correspondence_smoothing=float(_single(typed, "CorrespondenceSmoothing", loc)),
+        correspondence_max_exclusion=float(_single(typed, "CorrespondenceMaximumExclusion", loc)),
+        correspondence_interval=_single(typed, "CorrespondenceUpdateInterval", loc),
+    )
+
+
 def settings_from_map(pm: Mapping[str, Sequence[str]], *, source: str | None = None) -> Settings:
     """Validate a raw parameter map and resolve it into :class:`Settings`.
 
@@ -830,6 +928,7 @@ def settings_from_map(pm: Mapping[str, Sequence[str]], *, source: str | None = N
         bias_field_correction=_single(typed, "BiasFieldCorrection", loc),
         working_spacing=float(_single(typed, "WorkingSpacing", loc)),
         working_orientation=_single(typed, "WorkingOrientation", loc),
+        **_weighting_settings(typed, metrics, loc),
         source=source,
         **per_level,
     )

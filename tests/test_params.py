@@ -208,7 +208,7 @@ def test_weights_sum_within_tolerance():
          "p.txt:1: InverseConsistencyWeight expects a number >= 0, got '1e999'"),
         ("(Bidirectional yes)", "p.txt:1: Bidirectional expects \"true\" or \"false\", got 'yes'"),
         ("(Optimizer \"SGD\")", "p.txt:1: Optimizer expects one of 'Adam', got 'SGD'"),
-        ('(Metric "MI")', "p.txt:1: Metric expects one of 'MSE', 'NCC', 'GlobalNCC', got 'MI'"),
+        ('(Metric "Mattes")', "p.txt:1: Metric expects one of 'MSE', 'NCC', 'GlobalNCC', 'MI', got 'Mattes'"),
         ('(Metric "MSE" "MSE")', "p.txt:1: Metric lists 'MSE' more than once"),
         ("(Metric)", "p.txt:1: Metric expects 1 to 4 values, got 0"),
         ('(Metric "MSE" "NCC" "GlobalNCC" "MSE" "NCC")', "p.txt:1: Metric expects 1 to 4 values, got 5"),
@@ -394,14 +394,17 @@ def test_source_does_not_take_part_in_equality():
 def test_default_parameter_map_lists_every_key():
     pm = default_parameter_map()
     assert list(pm) == [
-        "Metric", "Metric0Weight", "Metric1Weight", "NCCWindowSize", "RegularizationWeight",
+        "Metric", "Metric0Weight", "Metric1Weight", "NCCWindowSize", "NumberOfHistogramBins", "RegularizationWeight",
         "NumberOfResolutions", "ImagePyramidSchedule", "MaximumNumberOfIterations",
-        "LearningRate", "Optimizer", "Bidirectional", "InverseConsistencyWeight", "PreAlignment",
+        "LearningRate", "Optimizer", "Bidirectional", "InverseConsistencyWeight", "MetricWeighting",
+        "MetricWeightingInterval", "CorrespondenceWeighting", "CorrespondenceErrorScale", "CorrespondenceSmoothing",
+        "CorrespondenceMaximumExclusion", "CorrespondenceUpdateInterval", "PreAlignment",
         "BiasFieldCorrection", "WorkingSpacing", "WorkingOrientation", "Seed",
         "NormalizationPercentiles", "NumberOfThreads",
     ]
     assert pm["ImagePyramidSchedule"] == ("8", "8", "8", "4", "4", "4", "2", "2", "2")
     assert pm["Bidirectional"] == ("false",)
+    assert pm["MetricWeighting"] == ("fixed",) and pm["CorrespondenceWeighting"] == ("false",)
 
 
 def test_default_parameter_text_parses_to_defaults():
@@ -438,7 +441,8 @@ def test_replace_refits_levels_and_weights():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["default.txt", "paper_io.txt", "mse.txt", "ncc.txt", "drn_io.txt", "drn_only.txt"])
+@pytest.mark.parametrize("name", ["default.txt", "paper_io.txt", "mse.txt", "ncc.txt", "mi.txt", "drn_io.txt",
+                                  "drn_only.txt"])
 def test_presets_parse_and_start_with_a_header(name):
     path = PRESETS / name
     text = path.read_text(encoding="utf-8")
@@ -471,6 +475,31 @@ def test_single_metric_presets(name, metric):
     assert s == defaults
 
 
+def test_mi_preset():
+    s = load_settings(PRESETS / "mi.txt")
+    assert s.metrics == ("MI",) and s.metric_weights == (1.0,)
+    assert s.histogram_bins == (32, 32, 32) and s.regularization_weight == (3.0, 3.0, 1.0)
+    # Everything else is the default.
+    assert s == default_settings().replace(metrics=("MI",), regularization_weight=(3.0, 3.0, 1.0))
+
+
+def test_histogram_bins_per_level_and_errors():
+    s = _settings('(Metric "MSE" "MI")\n(NumberOfResolutions 3)\n(NumberOfHistogramBins 16 24)')
+    assert s.metrics == ("MSE", "MI") and s.histogram_bins == (16, 24, 16)
+    assert default_settings().histogram_bins == (32, 32, 32)
+    assert default_settings().replace(num_levels=1).histogram_bins == (32,)
+    for text, message in [
+        ("(NumberOfHistogramBins 3)", "p.txt:1: NumberOfHistogramBins expects an integer >= 4, got '3'"),
+        ("(NumberOfHistogramBins 32.5)", "p.txt:1: NumberOfHistogramBins expects an integer >= 4, got '32.5'"),
+        ("(NumberOfResolutions 2)\n(NumberOfHistogramBins 8 16 32)",
+         "p.txt:2: NumberOfHistogramBins expects 1 to 2 values (one per resolution; NumberOfResolutions is 2 "
+         "(line 1)), got 3"),
+    ]:
+        with pytest.raises(CombiregError) as info:
+            settings_from_map(parse_text(text, "p.txt"))
+        assert str(info.value) == message
+
+
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
@@ -499,7 +528,7 @@ def test_cli_check_default_preset(cli):
     result = _invoke(cli, "params", "check", path)
     assert result.exit_code == 0, result.output
     assert result.stdout == (
-        f"{path}: OK (19 keys; metrics MSE+NCC 0.5/0.5, 3 resolutions, iterations 150 80 30)\n"
+        f"{path}: OK (27 keys; metrics MSE+NCC 0.5/0.5, 3 resolutions, iterations 150 80 30)\n"
     )
 
 
