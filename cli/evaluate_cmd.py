@@ -5,6 +5,7 @@ import sys
 
 import click
 
+from combireg.device import DEVICE_HELP
 from combireg.landmarks import LANDMARK_SPACES
 
 from .tre_cmd import SPACE_HELP
@@ -22,11 +23,19 @@ METHOD_HELP = "Method to run, repeatable (SPEC grammar above)."
                    "(default: every method against the first).")
 @click.option("--landmark-space", type=click.Choice(LANDMARK_SPACES, case_sensitive=False), default=None,
               help=SPACE_HELP)
-@click.option("--device", default="cpu", show_default=True, help="torch device: cpu or cuda.")
+@click.option("--device", default="cpu", show_default=True, metavar="auto|cpu|cuda", help=DEVICE_HELP)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Cells at once: 1 runs them one after another in this process (use 1 for timed benchmarks); "
+                   "more run them on a local dask cluster of that many worker processes.")
+@click.option("--threads-per-worker", type=click.IntRange(min=1), default=None,
+              help="torch/ITK threads of each parallel cell [default: the cores divided among the workers].")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Run the cells on the existing dask cluster at ADDRESS (tcp://HOST:PORT).")
 @click.option("--overwrite", is_flag=True, help="Start afresh: ignore and replace a previous results.csv.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def evaluate(manifest: str, methods: tuple, output: str, compare: tuple, landmark_space: str | None, device: str,
-             overwrite: bool, quiet: bool) -> None:
+             workers: int, threads_per_worker: int | None, scheduler: str | None, overwrite: bool,
+             quiet: bool) -> None:
     """Run every method on every case of MANIFEST and report TRE like the paper's tables.
 
     MANIFEST is a CSV with the header id,source,target,target_landmarks,source_landmarks
@@ -35,6 +44,8 @@ def evaluate(manifest: str, methods: tuple, output: str, compare: tuple, landmar
     DIR gets results.csv (one row per cell: TRE statistics, time, peak memory, % folding),
     summary.md (mean ± std and median TRE per method, paired t-tests with 95% CI),
     ttests.csv and tre_boxplot.png. A failing case is recorded as failed and the rest go on.
+    With --workers N (or --scheduler) the cells run in parallel on dask; timings are only
+    comparable between cells run with --workers 1 (the default).
 
     \b
     SPEC is a comma-separated list of KEY:VALUE items:
@@ -51,8 +62,14 @@ def evaluate(manifest: str, methods: tuple, output: str, compare: tuple, landmar
     """
     from tqdm import tqdm
 
+    from combireg.device import resolve_device
+    from combireg.errors import CombiregError
     from combireg.evaluate import parse_method, read_manifest, run_evaluation
 
+    if scheduler is not None and workers != 1:
+        raise CombiregError("--workers starts a local cluster; with --scheduler the cluster's own workers run the "
+                            "cells (give one or the other)")
+    device = str(resolve_device(device))
     specs = [parse_method(m) for m in methods]  # user errors before the bar appears
     total = len(read_manifest(manifest)) * len(specs)
     # disable=None: no bar when stderr is not a terminal (logs stay readable)
@@ -67,7 +84,8 @@ def evaluate(manifest: str, methods: tuple, output: str, compare: tuple, landmar
 
     try:
         ev = run_evaluation(manifest, specs, output, compare=compare, device=device, landmark_space=landmark_space,
-                            overwrite=overwrite, progress=progress)
+                            overwrite=overwrite, progress=progress, workers=workers,
+                            threads_per_worker=threads_per_worker, scheduler=scheduler)
     except KeyboardInterrupt:
         bar.close()
         click.echo("combireg: interrupted; finished cells are in results.csv (rerun the command to resume)",

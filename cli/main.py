@@ -50,6 +50,9 @@ def _register_commands() -> None:
     from . import train_cmd  # the DRN (issue 5)
     main.add_command(train_cmd.train)
 
+    from . import batch_cmd  # many cases on a dask cluster (issue 7)
+    main.add_command(batch_cmd.batch)
+
 
 _register_commands()
 

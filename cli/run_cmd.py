@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from combireg.device import DEVICE_HELP
 from combireg.errors import CombiregError
 from combireg.landmarks import LANDMARK_SPACES
 
@@ -35,7 +36,7 @@ def _load_landmarks(source: list[str], target: list[str], target_landmarks: str 
 @click.option("--init", "init", type=click.Path(dir_okay=False), default=None,
               help="Initialisation: a DRN model file (*.pt from `combireg train`), 'drn' for the shipped model, "
                    "or an initial forward displacement field (ITK vector image, LPS mm, our convention).")
-@click.option("--device", default="cpu", show_default=True, help="torch device: cpu or cuda.")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda", help=DEVICE_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty output directory.")
 @click.option("--max-memory", "max_memory_gb", type=float, default=None,
               help="Refuse to start above this estimated peak memory in GiB (default: what is available).")
@@ -65,10 +66,12 @@ def run(source: str, target: str, output: str, params: str | None, init: str | N
     from tqdm import tqdm
 
     from combireg.api import register
+    from combireg.device import resolve_device
     from combireg.outputs import prepare_output_dir
     from combireg.params import load_settings
 
     settings = load_settings(params)
+    device = str(resolve_device(device))  # auto -> cuda or cpu (logged); cuda without a GPU: one line
     outdir = prepare_output_dir(output, overwrite=overwrite)
     source_in, target_in = channel_paths(source, "source"), channel_paths(target, "target")
     landmarks = None

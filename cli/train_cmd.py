@@ -1,10 +1,12 @@
 """``combireg train``: train the DRN (small 3-D U-Net) on the paper's loss."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 
+from combireg.device import DEVICE_HELP, resolve_device
 from combireg.errors import CombiregError
 
 
@@ -27,10 +29,11 @@ from combireg.errors import CombiregError
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Total number of epochs (overrides NumberOfEpochs).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model and checkpoint.")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda", help=DEVICE_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def train(manifest: Path | None, synth_pairs: int | None, synth_spacing: float, synth_seed: int | None,
           synth_cache: Path | None, params: str | None, output: Path, resume: bool, epochs: int | None,
-          overwrite: bool, quiet: bool) -> None:
+          overwrite: bool, device: str, quiet: bool) -> None:
     """Train the deformable registration network (DRN) on --manifest cases or --synth pairs.
 
     The loss is the paper's Eq. 1 with the parameter file's metrics, weights and
@@ -48,11 +51,14 @@ def train(manifest: Path | None, synth_pairs: int | None, synth_spacing: float, 
     if manifest is not None and (synth_seed is not None or synth_cache is not None):
         raise CombiregError("--synth-seed and --synth-cache go with --synth, not --manifest")
     settings = load_training_settings(params)
+    torch_device = resolve_device(device)  # cuda without a GPU: one line, exit 2
     if epochs is not None:
         settings = settings.replace(epochs=epochs)
     check_outputs(output, resume=resume, overwrite=overwrite)  # before minutes of data loading
 
-    disable = True if quiet else None  # None: no bar off a terminal
+    # Under torchrun only rank 0 presents (the others train silently).
+    main_rank = int(os.environ.get("RANK", "0") or 0) == 0
+    disable = True if quiet or not main_rank else None  # None: no bar off a terminal
     with tqdm(total=synth_pairs, desc="data", unit="case", disable=disable, leave=False) as bar:
         def loaded(case_id: str) -> None:
             bar.update(1)
@@ -83,7 +89,10 @@ def train(manifest: Path | None, synth_pairs: int | None, synth_spacing: float, 
             state["last"] = last
 
     try:
-        summary = train_drn(data, settings, output, resume=resume, overwrite=overwrite, progress=progress)
+        summary = train_drn(data, settings, output, resume=resume, overwrite=overwrite, progress=progress,
+                            device=torch_device)
     finally:
         bar.close()
-    click.echo(summary.format())
+    if main_rank:
+        click.echo(summary.format())
+

@@ -51,6 +51,7 @@ Outputs in ``DIR``
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io as _stdio
 import logging
@@ -717,7 +718,9 @@ def _check_resumable(previous: dict, methods: Sequence[MethodSpec], outdir: Path
 
 def run_evaluation(manifest: str | os.PathLike, methods: Sequence[str | MethodSpec], outdir: str | os.PathLike, *,
                    compare: Sequence[str] = (), device: str = "cpu", landmark_space: str | None = None,
-                   overwrite: bool = False, progress: Callable[[dict], None] | None = None) -> Evaluation:
+                   overwrite: bool = False, progress: Callable[[dict], None] | None = None,
+                   workers: int | None = 1, threads_per_worker: int | None = None,
+                   scheduler: str | None = None) -> Evaluation:
     """Run every method on every case of ``manifest`` and write the reports into ``outdir``.
 
     Parameters
@@ -734,13 +737,26 @@ def run_evaluation(manifest: str | os.PathLike, methods: Sequence[str | MethodSp
     overwrite : bool
         Start afresh: forget the previous results.csv (cell folders are replaced as they rerun).
     progress : callable, optional
-        Called with ``{"event": "start"|"done", "case", "method", "status", "index", "total"}``.
+        Called with ``{"event": "start"|"done", "case", "method", "status", "index", "total"}``
+        (no ``"start"`` events when cells run in parallel).
+    workers : int or None
+        1 (default): the cells run one after another in this process, as always; use this for
+        timed benchmarks, so that the cells do not compete for cores and memory. More (or
+        None: as many as the cores allow) run the cells on a local dask cluster of that many
+        worker processes (:func:`combireg.batch.dask_executor`).
+    threads_per_worker : int, optional
+        torch/ITK threads of each parallel cell (default: the cores divided among the workers).
+    scheduler : str, optional
+        Run the cells on the existing dask cluster at this address instead.
+
+    Rows are written to results.csv by this process only, as the cells finish (in any order);
+    the final rewrite puts them in manifest x method order.
 
     Raises
     ------
     CombiregError
-        Bad manifest, methods, comparisons or output folder (before any cell runs). A failing
-        cell is recorded as failed and the others go on.
+        Bad manifest, methods, comparisons, output folder or an unreachable scheduler (before
+        any cell runs). A failing cell is recorded as failed and the others go on.
     """
     from .landmarks import parse_space
 
@@ -760,34 +776,71 @@ def run_evaluation(manifest: str | os.PathLike, methods: Sequence[str | MethodSp
     results = outdir / RESULTS_NAME
     previous = {} if overwrite else read_results(results)
     _check_resumable(previous, specs, outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    if overwrite and results.exists():
-        results.unlink()
     rows = dict(previous)
     ev = Evaluation(outdir, rows, [], [])
     total = len(cases) * len(specs)
-    for index, (case, method) in enumerate(((c, m) for c in cases for m in specs), start=1):
-        event = {"case": case.id, "method": method.name, "index": index, "total": total}
+    cells = [(index, case, method)
+             for index, (case, method) in enumerate(((c, m) for c in cases for m in specs), start=1)]
+    pending = []
+    for index, case, method in cells:
         done = rows.get((case.id, method.name))
         if done and done.get("status") == "ok" and done.get("spec") == method.spec:
             ev.skipped += 1
             if progress:
-                progress({**event, "event": "done", "status": "skipped"})
-            continue
-        if progress:
-            progress({**event, "event": "start", "status": "running"})
-        row = _run_one(case, method, outdir, device, landmark_space)
-        _append_row(results, row)
+                progress({"case": case.id, "method": method.name, "index": index, "total": total,
+                          "event": "done", "status": "skipped"})
+        else:
+            pending.append((index, case, method))
+
+    def record(index: int, case: Case, method: MethodSpec, row: dict) -> None:
+        _append_row(results, row)  # only here, in this process, whatever order cells finish in
         rows[(case.id, method.name)] = row
         ev.ran += 1
         if row["status"] != "ok":
             ev.failed.append((case.id, method.name, row["error"]))
         if progress:
-            progress({**event, "event": "done", "status": row["status"]})
-    _rewrite_results(results, read_results(results))
+            progress({"case": case.id, "method": method.name, "index": index, "total": total,
+                      "event": "done", "status": row["status"]})
+
+    parallel = scheduler is not None or workers is None or int(workers) > 1
+    with contextlib.ExitStack() as stack:
+        executor = None
+        if parallel and pending:
+            from .batch import dask_executor
+
+            # Connected (or started) before anything is written: an unreachable scheduler leaves no trace.
+            executor = stack.enter_context(dask_executor(None if scheduler else workers, threads_per_worker,
+                                                         scheduler, tasks=len(pending)))
+        outdir.mkdir(parents=True, exist_ok=True)
+        if overwrite and results.exists():
+            results.unlink()
+        if executor is None:
+            for index, case, method in pending:
+                if progress:
+                    progress({"case": case.id, "method": method.name, "index": index, "total": total,
+                              "event": "start", "status": "running"})
+                record(index, case, method, _run_one(case, method, outdir, device, landmark_space))
+        else:
+            futures = {executor.submit(_run_one, case, method, outdir, device, landmark_space,
+                                       name=f"{case.id}-{method.name}"): (index, case, method)
+                       for index, case, method in pending}
+            for future in executor.as_completed(futures):
+                index, case, method = futures[future]
+                try:
+                    row = future.result()
+                except Exception as exc:  # the worker died (KilledWorker) or the task was cancelled
+                    row = _failed_row(case, method, f"{type(exc).__name__}: {exc}", 0.0)
+                record(index, case, method, row)
+    _rewrite_results(results, _in_cell_order(read_results(results), cases, specs))
     ev.rows = read_results(results)
     ev.summaries, ev.tests = write_reports(outdir, manifest, ev.rows, cases, specs, pairs)
     return ev
+
+
+def _in_cell_order(rows: dict, cases: Sequence[Case], methods: Sequence[MethodSpec]) -> dict:
+    """The rows of this run's cells in manifest x method order, then any others as they were."""
+    order = {(c.id, m.name): i for i, (c, m) in enumerate((c, m) for c in cases for m in methods)}
+    return dict(sorted(rows.items(), key=lambda item: order.get(item[0], len(order))))
 
 
 def _run_one(case: Case, method: MethodSpec, outdir: Path, device: str, landmark_space: str | None) -> dict:

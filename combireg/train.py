@@ -371,6 +371,10 @@ def split_cases(ids: Sequence[str], validation_fraction: float, test_fraction: f
 
 
 # ============================================================================ the loss
+#: Gradient-norm clip of every training step (typical norms of the default network: 0.25-0.75).
+MAX_GRADIENT_NORM = 1.0
+
+
 def drn_loss(u_st: torch.Tensor, u_ts: torch.Tensor, source: torch.Tensor, target: torch.Tensor,
              scale: torch.Tensor, settings: TrainingSettings,
              grid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
@@ -403,14 +407,20 @@ def drn_loss(u_st: torch.Tensor, u_ts: torch.Tensor, source: torch.Tensor, targe
     return loss, terms
 
 
-def _batch_loss(network: RegistrationUNet, pairs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+def _batch_loss(network: torch.nn.Module, pairs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                 settings: TrainingSettings, grid: torch.Tensor) -> torch.Tensor:
-    source = torch.stack([p[0] for p in pairs])
-    target = torch.stack([p[1] for p in pairs])
-    u_st, u_ts = network.predict_both(source, target)
+    device = grid.device
+    source = torch.stack([p[0] for p in pairs]).to(device)
+    target = torch.stack([p[1] for p in pairs]).to(device)
+    n = source.shape[0]
+    # Both directions in one call of the module itself (RegistrationUNet.predict_both's batching):
+    # through DistributedDataParallel's forward, so its gradient hooks see the step.
+    both = network(torch.cat([source, target]), torch.cat([target, source]))
+    u_st, u_ts = both[:n], both[n:]
     total = source.new_zeros(())
     for i, (_, _, scale) in enumerate(pairs):
-        loss, _ = drn_loss(u_st[i:i + 1], u_ts[i:i + 1], source[i:i + 1], target[i:i + 1], scale, settings, grid)
+        loss, _ = drn_loss(u_st[i:i + 1], u_ts[i:i + 1], source[i:i + 1], target[i:i + 1], scale.to(device),
+                           settings, grid)
         total = total + loss
     return total / len(pairs)
 
@@ -534,6 +544,9 @@ class TrainingSummary:
     seconds: float  # this call, data loading included
     training_seconds: float  # epochs only, summed over resumed runs
     settings: dict = field(default_factory=dict)
+    device: str = "cpu"
+    world_size: int = 1  # torch.distributed ranks that trained together
+    final_parameters_sha256: str = ""  # of the last epoch's weights: equal on every rank
 
     def to_dict(self) -> dict:
         return _plain({
@@ -543,7 +556,8 @@ class TrainingSummary:
             "history": self.history, "split": self.split, "data": self.data, "num_parameters": self.num_parameters,
             "seconds": round(self.seconds, 1), "training_seconds": round(self.training_seconds, 1),
             "settings": self.settings, "combireg_version": __version__, "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "device": self.device, "world_size": self.world_size,
+            "final_parameters_sha256": self.final_parameters_sha256,
         })
 
     def format(self) -> str:
@@ -667,9 +681,58 @@ def _mean_loss(network: RegistrationUNet, pairs: Sequence[TrainingPair], setting
     return total / len(pairs)
 
 
+@dataclass(frozen=True)
+class _Ranks:
+    """Where this process stands in a torch.distributed run (rank 0 of 1 when alone)."""
+
+    rank: int = 0
+    world: int = 1
+    joined_here: bool = False  # this call initialised the process group (and destroys it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _join_process_group(device: torch.device) -> tuple[_Ranks, torch.device]:
+    """Join the process group of a ``torchrun`` launch (``WORLD_SIZE`` > 1 in the environment).
+
+    gloo on the CPU, NCCL on CUDA (each rank on GPU ``LOCAL_RANK``); a group the caller
+    already initialised is used as it is.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    import torch.distributed as dist
+
+    if world <= 1 and not (dist.is_available() and dist.is_initialized()):
+        return _Ranks(), device
+    if not dist.is_available():
+        raise CombiregError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    joined = False
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        except Exception as exc:  # a wrong MASTER_ADDR/PORT etc.: one line, not a trace
+            raise CombiregError(f"cannot join the torch.distributed process group ({_first_line(exc)})") from None
+        joined = True
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
+        torch.cuda.set_device(device)
+    return _Ranks(dist.get_rank(), dist.get_world_size(), joined), device
+
+
+def _state_sha256(network: torch.nn.Module) -> str:
+    """sha256 of the weights (float32 bytes in state-dict order): equal weights, equal digest."""
+    digest = hashlib.sha256()
+    for name, value in network.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def train_drn(data: DataLike, params: TrainingSettings | str | os.PathLike | None, out_path: str | os.PathLike, *,
               resume: bool = False, epochs: int | None = None, overwrite: bool = False,
-              progress: Callable[[dict], None] | None = None) -> TrainingSummary:
+              progress: Callable[[dict], None] | None = None,
+              device: str | torch.device = "cpu") -> TrainingSummary:
     """Train the DRN on Eq. 1 and write the model, its checkpoint and the loss curves.
 
     Parameters
@@ -689,8 +752,11 @@ def train_drn(data: DataLike, params: TrainingSettings | str | os.PathLike | Non
         Total number of epochs (overrides NumberOfEpochs); with ``resume``, where to stop.
     overwrite : bool
         Replace an existing model and checkpoint (else they are refused).
+    device : str or torch.device
+        Where the network trains ("cpu", "cuda", "cuda:1"); the data stay on the CPU and move
+        per step.
     progress : callable, optional
-        Receives dicts: ``{"event": "data", "case"}`` while loading,
+        Receives dicts (on rank 0 only): ``{"event": "data", "case"}`` while loading,
         ``{"event": "start", "start_epoch", "epochs", "steps_per_epoch", "split"}``,
         ``{"event": "step", "epoch", "step", "loss"}`` after every optimiser step and
         ``{"event": "epoch", "epoch", "train_loss", "validation_loss", "best_epoch"}``.
@@ -704,6 +770,15 @@ def train_drn(data: DataLike, params: TrainingSettings | str | os.PathLike | Non
     CombiregError
         Bad parameters, data or output paths, a checkpoint of another configuration,
         divergence. Nothing is written before the data are loaded and checked.
+
+    Notes
+    -----
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the network is wrapped in
+    DistributedDataParallel (gloo on the CPU, NCCL on CUDA): every rank loads the data, the
+    epoch's shuffled order is the same on all ranks and rank ``r`` trains on its pairs
+    ``r, r + W, r + 2W, ...`` (each rank the same number of steps, wrapping around), gradients
+    are averaged across ranks, and only rank 0 writes the checkpoint, the model and the
+    curves. An epoch then takes ``ceil(train / (BatchSize * W))`` steps.
     """
     clock = time.perf_counter()
     settings = params if isinstance(params, TrainingSettings) else load_training_settings(params)
@@ -719,7 +794,8 @@ def train_drn(data: DataLike, params: TrainingSettings | str | os.PathLike | Non
         saved_channels = ckpt["config"].get("architecture", {}).get("channels", 0)
         _refuse_other_config(ckpt_file, ckpt["config"], _config(settings, saved_channels, None), skip_data=True)
 
-    emit = progress or (lambda event: None)
+    ranks, device = _join_process_group(torch.device(device))
+    emit = (progress if ranks.is_main else None) or (lambda event: None)
     data = _as_data(data, settings, lambda case_id: emit({"event": "data", "case": case_id}))
     config = _config(settings, data.channels, data.fingerprint())
     if ckpt is not None:
@@ -734,6 +810,12 @@ def train_drn(data: DataLike, params: TrainingSettings | str | os.PathLike | Non
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         network = RegistrationUNet(data.channels, settings.features)
+    network.to(device)
+    model: torch.nn.Module = network
+    if ranks.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
     optimiser = torch.optim.Adam(network.parameters(), lr=settings.learning_rate)
     history: list[dict] = []
     start_epoch, best_epoch, best_loss, elapsed_before = 0, 0, None, 0.0
@@ -753,12 +835,12 @@ def train_drn(data: DataLike, params: TrainingSettings | str | os.PathLike | Non
 
     selection = "last" if not settings.keep_best else ("validation" if val_pairs else "training")
     batch = settings.batch_size
-    steps = max(1, math.ceil(len(train_pairs) / batch))
+    steps = max(1, math.ceil(len(train_pairs) / (batch * ranks.world)))
     emit({"event": "start", "start_epoch": start_epoch, "epochs": settings.epochs, "steps_per_epoch": steps,
           "split": split})
     voxels = int(np.prod(data.internal_shape))
     threads = settings.num_threads or (1 if voxels < _SINGLE_THREAD_VOXELS else torch.get_num_threads())
-    grid = identity_grid(data.internal_shape)
+    grid = identity_grid(data.internal_shape, device)
     run_start = time.perf_counter()
     with torch_threads(threads):
         for epoch in range(start_epoch + 1, settings.epochs + 1):
@@ -767,6 +849,8 @@ def train_drn(data: DataLike, params: TrainingSettings | str | os.PathLike | Non
             # epochs ran in this process, so --resume reproduces an uninterrupted run.
             rng = np.random.default_rng([settings.seed, epoch])
             order = [train_pairs[i] for i in rng.permutation(len(train_pairs))]
+            if ranks.world > 1:  # this rank's shard, as many pairs on every rank
+                order = [order[(ranks.rank + ranks.world * k) % len(order)] for k in range(steps * batch)]
             network.train()
             losses = []
             for step in range(steps):
@@ -774,15 +858,25 @@ def train_drn(data: DataLike, params: TrainingSettings | str | os.PathLike | Non
                 inputs = [_augment(p, rng) if settings.augmentation else (p.source, p.target, p.scale)
                           for p in members]
                 optimiser.zero_grad(set_to_none=True)
-                loss = _batch_loss(network, inputs, settings, grid)
+                loss = _batch_loss(model, inputs, settings, grid)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise CombiregError(f"training diverged in epoch {epoch} (loss {value}); lower LearningRate")
                 loss.backward()
+                # Why: a step that throws the fields out of the field of view gives a gradient
+                # spike that Adam turns into a large weight change; unclipped, a CPU training at
+                # lr 1e-3 blew up in epoch 11 (loss 0.26 -> 228) and never fully recovered.
+                torch.nn.utils.clip_grad_norm_(network.parameters(), MAX_GRADIENT_NORM)
                 optimiser.step()
                 losses.append(value)
                 emit({"event": "step", "epoch": epoch, "step": step + 1, "loss": value})
             train_loss = float(np.mean(losses))
+            if ranks.world > 1:  # the epoch's loss over all ranks' pairs
+                import torch.distributed as dist
+
+                reduced = torch.tensor([train_loss], dtype=torch.float64, device=device)
+                dist.all_reduce(reduced)
+                train_loss = float(reduced.item()) / ranks.world
             val_loss = _mean_loss(network, val_pairs, settings, grid)
             score = val_loss if val_pairs else train_loss
             if best_loss is None or score < best_loss or not settings.keep_best:
@@ -791,23 +885,27 @@ def train_drn(data: DataLike, params: TrainingSettings | str | os.PathLike | Non
             history.append({"epoch": epoch, "train_loss": train_loss, "validation_loss": val_loss,
                             "seconds": round(time.perf_counter() - epoch_start, 2)})
             elapsed = elapsed_before + time.perf_counter() - run_start
-            atomic_torch_save({
-                "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
-                "combireg_version": __version__, "config": config, "config_hash": _config_hash(config),
-                "epoch": epoch, "model_state": network.state_dict(), "optimizer_state": optimiser.state_dict(),
-                "best_state": best_state, "best_epoch": best_epoch, "best_loss": best_loss,
-                "history": _plain(history), "split": split, "rng_state": torch.get_rng_state(),
-                "elapsed_s": elapsed,
-            }, ckpt_file)
+            if ranks.is_main:
+                atomic_torch_save({
+                    "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
+                    "combireg_version": __version__, "config": config, "config_hash": _config_hash(config),
+                    "epoch": epoch, "model_state": network.state_dict(), "optimizer_state": optimiser.state_dict(),
+                    "best_state": best_state, "best_epoch": best_epoch, "best_loss": best_loss,
+                    "history": _plain(history), "split": split, "rng_state": torch.get_rng_state(),
+                    "elapsed_s": elapsed,
+                }, ckpt_file)
             emit({"event": "epoch", "epoch": epoch, "epochs": settings.epochs, "train_loss": train_loss,
                   "validation_loss": val_loss, "best_epoch": best_epoch})
 
         if not settings.keep_best and history:
             best_epoch = history[-1]["epoch"]
             best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+        final_sha256 = _state_sha256(network)
         kept = RegistrationUNet(data.channels, settings.features)
         kept.load_state_dict(best_state)
+        kept.to(device)
         test_loss = _mean_loss(kept, test_pairs, settings, grid)
+        kept.to("cpu")
     seconds = time.perf_counter() - run_start
     last = history[-1] if history else {}
     summary = TrainingSummary(
@@ -816,15 +914,23 @@ def train_drn(data: DataLike, params: TrainingSettings | str | os.PathLike | Non
         selection=selection, best_loss=best_loss, final_train_loss=last.get("train_loss"),
         final_validation_loss=last.get("validation_loss"), test_loss=test_loss, history=history, split=split,
         data=data.description, num_parameters=kept.num_parameters(), seconds=time.perf_counter() - clock,
-        training_seconds=elapsed_before + seconds, settings=_plain(settings.to_parameter_map()))
+        training_seconds=elapsed_before + seconds, settings=_plain(settings.to_parameter_map()),
+        device=str(device), world_size=ranks.world, final_parameters_sha256=final_sha256)
     header = (f"// combireg {__version__}: DRN training parameters (source: {settings.source}).\n"
               f"// `combireg train ... -p` with this file reproduces the training.\n")
-    model = DrnModel(kept, data.internal_shape, data.normalization_percentiles, header + settings.to_text(),
-                     summary.to_dict(), out_path)
-    model.save(out_path)
-    title = (f"DRN {'+'.join(settings.metrics)}, lambda {settings.regularization_weight:g}, "
-             f"lr {settings.learning_rate:g}")
-    if history:
-        _write_curve(summary.curve_path, history, best_epoch if settings.keep_best else None, title)
-    log.info("trained %d epochs in %.1f s; kept epoch %d", summary.epochs, seconds, best_epoch)
+    if ranks.is_main:
+        drn = DrnModel(kept, data.internal_shape, data.normalization_percentiles, header + settings.to_text(),
+                       summary.to_dict(), out_path)
+        drn.save(out_path)
+        title = (f"DRN {'+'.join(settings.metrics)}, lambda {settings.regularization_weight:g}, "
+                 f"lr {settings.learning_rate:g}")
+        if history:
+            _write_curve(summary.curve_path, history, best_epoch if settings.keep_best else None, title)
+        log.info("trained %d epochs in %.1f s; kept epoch %d", summary.epochs, seconds, best_epoch)
+    if ranks.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # the files exist when any rank returns
+        if ranks.joined_here:
+            dist.destroy_process_group()
     return summary

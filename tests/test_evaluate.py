@@ -269,6 +269,9 @@ def test_bad_manifests(tmp_path, text, message):
     (["MANIFEST", "--method", "a=PARAMS", "--method", "a=PARAMS"], "given twice"),
     (["MANIFEST", "--method", "a=baseline:bspline"], "is not available"),
     (["MANIFEST", "--method", "a=PARAMS", "--landmark-space", "voxel"], "voxel"),
+    (["MANIFEST", "--method", "a=PARAMS", "--scheduler", "tcp://127.0.0.1:1"], "cannot reach the dask scheduler"),
+    (["MANIFEST", "--method", "a=PARAMS", "--scheduler", "tcp://127.0.0.1:1", "--workers", "2"], "one or the other"),
+    (["MANIFEST", "--method", "a=PARAMS", "--device", "tpu"], "--device 'tpu'"),
 ])
 def test_evaluate_command_errors_write_nothing(tmp_path, args, message):
     params = _params(tmp_path, "p.txt")

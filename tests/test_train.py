@@ -318,3 +318,59 @@ def test_train_cli_bad_input_exits_2_and_writes_nothing(tmp_path):
     res = _invoke("train", "--manifest", manifest, "-p", params, "-o", out, "-q")
     assert res.exit_code == 2 and "exists (use --overwrite" in res.output
     assert out.read_bytes() == b"precious" and sorted(p.name for p in out.parent.iterdir()) == ["m.pt"]
+
+
+_DDP_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import torch
+torch.set_num_threads(1)
+from tests.test_train import _pairs, _settings
+from combireg.train import images_data, train_drn
+settings = _settings(epochs=1, validation_fraction=0.0, test_fraction=0.0, augmentation=False)
+data = images_data(_pairs(4), settings)
+seen = []
+summary = train_drn(data, settings, {out!r}, overwrite=True,
+                    progress=lambda e: seen.append(e["event"]))
+rank = int(os.environ["RANK"])
+with open(os.path.join({tmp!r}, f"rank{{rank}}.json"), "w") as handle:
+    json.dump({{"sha": summary.final_parameters_sha256, "world": summary.world_size, "events": sorted(set(seen)),
+               "steps": [e for e in seen if e == "step"].__len__()}}, handle)
+"""
+
+
+def test_ddp_training_under_torchrun_keeps_ranks_identical(tmp_path):
+    """Two CPU processes (gloo) train one epoch: every rank ends with the same weights, which
+    differ from the untrained ones; only rank 0 writes the model (with those weights)."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from combireg.network import RegistrationUNet
+    from combireg.train import _state_sha256
+
+    out = tmp_path / "model.pt"
+    script = tmp_path / "ddp_train.py"
+    script.write_text(_DDP_SCRIPT.format(root=str(ROOT), out=str(out), tmp=str(tmp_path)))
+    with socket.socket() as probe:  # a free loopback port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(port), str(script)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == ranks[1]["world"] == 2
+    assert ranks[0]["sha"] == ranks[1]["sha"]
+    # 4 training pairs, batch 1, 2 ranks: 2 steps per rank; only rank 0 reports progress
+    assert ranks[0]["steps"] == 2 and ranks[1]["events"] == []
+    torch.manual_seed(0)
+    assert _state_sha256(RegistrationUNet(1, TINY["features"])) != ranks[0]["sha"]  # it did train
+    model = load_model(out)
+    assert model.training["world_size"] == 2
+    # KeepBest keeps the last (only) epoch: the written weights are the ranks' weights
+    assert _state_sha256(model.network) == ranks[0]["sha"]
+    assert checkpoint_path(out).is_file()
