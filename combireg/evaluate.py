@@ -10,7 +10,11 @@ Manifest
     ``source`` and ``target`` are comma-joined channel files (CSV-quoted), the same number
     on both sides; all paths are relative to the manifest's folder (or absolute). Landmark
     files are any format :func:`combireg.landmarks.read_landmarks` reads; voxel-index
-    landmarks refer to the first channel of their side.
+    landmarks refer to the first channel of their side. An optional ``lesion`` column names a
+    mask image in target space (any grid; non-zero = lesion, e.g. tumour or resection
+    cavity): the results then also give the TRE over the landmarks within
+    :data:`NEAR_LESION_MM` of it (distance from the target landmark to the nearest lesion
+    voxel centre, 0 inside).
 
 Method SPEC (``--method NAME=SPEC``)
     ``SPEC`` is a comma-separated list of ``KEY:VALUE`` items::
@@ -103,7 +107,10 @@ RESULT_COLUMNS = (
     "tre_mean", "tre_std", "tre_median", "tre_p95", "tre_max",
     "initial_mean", "initial_std", "initial_median", "initial_p95", "initial_max", "robustness",
     "time_s", "cell_time_s", "peak_memory_mb", "folding_percent", "jacobian_min", "outdir",
+    "n_near_lesion", "tre_near_lesion_mean", "initial_near_lesion_mean",
 )
+#: Landmarks at most this far (mm) from the manifest's lesion mask count as "near the lesion".
+NEAR_LESION_MM = 20.0
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -118,9 +125,11 @@ class Case:
     target: tuple
     target_landmarks: Path
     source_landmarks: Path
+    lesion: Path | None = None  # mask in target space (optional ``lesion`` column)
 
     def files(self) -> list[Path]:
-        return [*self.source, *self.target, self.target_landmarks, self.source_landmarks]
+        lesion = [] if self.lesion is None else [self.lesion]
+        return [*self.source, *self.target, self.target_landmarks, self.source_landmarks, *lesion]
 
     def missing_files(self) -> list[Path]:
         return [p for p in self.files() if not p.is_file()]
@@ -169,7 +178,8 @@ def read_manifest(path: str | os.PathLike) -> list[Case]:
             raise CombiregError(f"{path}:{lineno}: duplicate case id {case_id!r}")
         seen.add(case_id)
         cases.append(Case(case_id, _paths(row["source"], root), _paths(row["target"], root),
-                          root / row["target_landmarks"], root / row["source_landmarks"]))
+                          root / row["target_landmarks"], root / row["source_landmarks"],
+                          root / row["lesion"] if row.get("lesion") else None))
     if not cases:
         raise CombiregError(f"{path}: manifest lists no cases")
     return cases
@@ -430,7 +440,61 @@ def run_cell(case: Case, method: MethodSpec, outdir: str | os.PathLike, *, devic
         "folding_percent": float(100.0 * np.count_nonzero(jac <= 0) / jac.size),
         "jacobian_min": float(jac.min()),
         "outdir": os.path.relpath(cell, outdir),
+        **_near_lesion(case, tre),
     }
+
+
+def lesion_distances(points_lps_mm: np.ndarray, lesion) -> np.ndarray:
+    """Distance (mm) from each point to the nearest lesion voxel centre of a mask; 0 inside.
+
+    Parameters
+    ----------
+    points_lps_mm : ndarray, (N, 3)
+    lesion : Image
+        Single-channel mask on any grid; voxels > 0.5 are lesion.
+
+    Returns
+    -------
+    ndarray, (N,)
+        Exact Euclidean distances (mm, via the world coordinates of the nearest lesion voxel
+        found by a distance transform on the mask's grid); a point outside the mask's grid is
+        measured from the nearest grid voxel's nearest lesion voxel.
+
+    Raises
+    ------
+    CombiregError
+        An empty mask.
+    """
+    from scipy import ndimage
+
+    geometry = lesion.geometry
+    mask = lesion.numpy()[0] > 0.5
+    if not mask.any():
+        raise CombiregError("the lesion mask is empty")
+    # Why indices rather than distances: the transform runs in voxel units of an anisotropic,
+    # possibly oblique grid; the nearest voxel's world point gives the distance in mm exactly.
+    _, nearest = ndimage.distance_transform_edt(~mask, sampling=tuple(reversed(geometry.spacing)),
+                                                return_indices=True)
+    index = np.rint(geometry.world_to_index(np.asarray(points_lps_mm, dtype=np.float64))).astype(int)
+    index = np.clip(index, 0, np.asarray(geometry.size) - 1)
+    z, y, x = index[:, 2], index[:, 1], index[:, 0]
+    nearest_zyx = np.stack([nearest[k][z, y, x] for k in range(3)], axis=1)
+    nearest_world = geometry.index_to_world(nearest_zyx[:, ::-1].astype(np.float64))
+    distance = np.linalg.norm(nearest_world - points_lps_mm, axis=1)
+    return np.where(mask[z, y, x], 0.0, distance)
+
+
+def _near_lesion(case: Case, tre) -> dict:
+    """The near-lesion columns of a results row (empty without a lesion mask)."""
+    if case.lesion is None:
+        return {}
+    from . import io
+
+    near = lesion_distances(tre.target_points, io.read_image(case.lesion)) <= NEAR_LESION_MM
+    count = int(near.sum())
+    return {"n_near_lesion": count,
+            "tre_near_lesion_mean": float(tre.errors_mm[near].mean()) if count else "",
+            "initial_near_lesion_mean": float(tre.initial_errors_mm[near].mean()) if count else ""}
 
 
 def _failed_row(case: Case, method: MethodSpec, message: str, seconds: float) -> dict:
@@ -517,6 +581,10 @@ def _mean_std(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _pooled_errors(outdir: Path, rows: list[dict], column: str) -> np.ndarray:
     """Per-landmark errors of the given cells, read back from their tre.csv."""
     values = []
@@ -556,6 +624,12 @@ def method_summary(outdir: Path, rows: dict, cases: Sequence[Case], methods: Seq
             "landmark_median": float(np.median(pooled)) if pooled.size else math.nan,
             "per_case_mean": per_case_mean.tolist(),
         }
+        near = [(float(r["n_near_lesion"]), float(r[f"{prefix}_near_lesion_mean"])) for r in ok
+                if _is_number(r.get("n_near_lesion")) and _is_number(r.get(f"{prefix}_near_lesion_mean"))]
+        count = sum(n for n, _ in near)
+        summary["near_lesion_n"] = int(count)
+        # pooled over the cases' near landmarks: sum of n * mean over sum of n
+        summary["near_lesion_mean"] = sum(n * m for n, m in near) / count if count else math.nan
         if prefix == "tre":
             for key in ("robustness", "time_s", "peak_memory_mb", "folding_percent"):
                 vals = np.array([r[key] for r in ok if isinstance(r.get(key), float)])
@@ -594,6 +668,7 @@ def summary_markdown(manifest: Path, summaries: list[dict], tests: list[dict], r
     """The text of summary.md."""
     from . import __version__
 
+    with_lesion = any(c.lesion is not None for c in cases)
     lines = [
         "# combireg evaluate",
         "",
@@ -603,13 +678,16 @@ def summary_markdown(manifest: Path, summaries: list[dict], tests: list[dict], r
         "source landmark s_i). *Per case*: mean ± std over cases of each case's mean TRE, and the "
         "median over cases of each case's median TRE. *All landmarks*: pooled over the cases. "
         "Robustness: fraction of landmarks whose error went down (BraTS-Reg), mean over cases. "
-        "Time: registration wall time; memory: peak resident memory during the case.",
+        "Time: registration wall time; memory: peak resident memory during the case."
+        + (f" Near the lesion: TRE pooled over the landmarks at most {NEAR_LESION_MM:g} mm from the manifest's "
+           "lesion mask (distance from the target landmark to the nearest lesion voxel)." if with_lesion else ""),
         "",
         "## TRE per method",
         "",
         "| Method | Cases | TRE mean ± std (mm) | TRE median (mm) | All landmarks mean ± std (mm) "
-        "| All landmarks median (mm) | Robustness | Time (s) | Peak memory (MB) | Folding (%) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| All landmarks median (mm) | Robustness | Time (s) | Peak memory (MB) | Folding (%) |"
+        + (f" TRE within {NEAR_LESION_MM:g} mm of the lesion (mm) | Landmarks near the lesion |" if with_lesion else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if with_lesion else ""),
     ]
     for s in summaries:
         extra = [_fmt(s.get("robustness", math.nan), 3), _fmt(s.get("time_s", math.nan), 1),
@@ -618,7 +696,8 @@ def summary_markdown(manifest: Path, summaries: list[dict], tests: list[dict], r
             extra = ["", "", "", ""]
         lines.append(f"| {s['method']} | {s['cases_ok']}/{s['cases']} | {_pm(s['case_mean'], s['case_std'])} | "
                      f"{_fmt(s['case_median'])} | {_pm(s['landmark_mean'], s['landmark_std'])} | "
-                     f"{_fmt(s['landmark_median'])} | " + " | ".join(extra) + " |")
+                     f"{_fmt(s['landmark_median'])} | " + " | ".join(extra) + " |"
+                     + (f" {_fmt(s['near_lesion_mean'])} | {s['near_lesion_n']} |" if with_lesion else ""))
     lines += ["", "## Paired t-tests (per-case mean TRE)", ""]
     if tests:
         lines += ["| A | B | Cases | Mean A (mm) | Mean B (mm) | Mean difference A − B (mm) | 95% CI (mm) | t | p |",

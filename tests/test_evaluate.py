@@ -322,3 +322,65 @@ def test_ants_baseline_without_antspyx_fails_up_front():
         pytest.skip("antspyx is installed here")
     with pytest.raises(CombiregError, match="antspyx"):
         parse_method("a=baseline:ants")
+
+
+# ------------------------------------------------------------------------------ near the lesion
+def test_lesion_distances_are_world_distances_on_an_oblique_grid():
+    import torch
+
+    from combireg import Geometry, Image
+    from combireg.evaluate import lesion_distances
+
+    angle = np.deg2rad(25.0)
+    direction = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0, 0, 1.0]])
+    geometry = Geometry((30, 24, 20), origin=(-10.0, 5.0, 2.0), spacing=(1.5, 2.0, 2.5), direction=direction)
+    mask = np.zeros(geometry.shape, dtype=np.float32)
+    mask[8:11, 10:13, 12:16] = 1  # a small block (z, y, x)
+    lesion = Image(torch.from_numpy(mask)[None], geometry)
+    zyx = np.argwhere(mask > 0)
+    lesion_world = geometry.index_to_world(zyx[:, ::-1].astype(np.float64))
+    rng = np.random.default_rng(3)
+    index = rng.uniform(0, np.asarray(geometry.size) - 1, size=(40, 3))
+    true = lambda pts: np.min(np.linalg.norm(pts[:, None] - lesion_world[None], axis=2), axis=1)  # noqa: E731
+    # at voxel centres the distance is exact (0 inside the lesion)
+    centres = geometry.index_to_world(np.rint(index))
+    np.testing.assert_allclose(lesion_distances(centres, lesion), true(centres), atol=1e-9)
+    assert (lesion_distances(lesion_world, lesion) == 0).all()
+    # elsewhere it is measured from the nearest voxel's nearest lesion voxel: within half a voxel diagonal
+    points = geometry.index_to_world(index)
+    half_diagonal = 0.5 * np.linalg.norm(geometry.spacing)
+    assert np.all(np.abs(lesion_distances(points, lesion) - true(points)) <= half_diagonal + 1e-9)
+    with pytest.raises(CombiregError, match="empty"):
+        lesion_distances(points, Image(torch.zeros((1,) + geometry.shape), geometry))
+
+
+def test_evaluate_reports_tre_near_the_lesion(tmp_path):
+    from combireg import io
+    from combireg.landmarks import read_landmarks
+
+    case = SAMPLES / "case0000"
+    target = io.read_image(case / "target_t1.nii.gz")
+    # a lesion mask around the first target landmark: that landmark is near, far ones are not
+    first = read_landmarks(case / "target_landmarks.fcsv").points_lps_mm[0]
+    world = target.geometry.world_grid().reshape(-1, 3)
+    ball = (np.linalg.norm(world - first, axis=1) <= 6.0).reshape(target.geometry.shape)
+    io.write_image(tmp_path / "lesion.nii.gz", ball.astype(np.uint8), target.geometry, dtype=np.uint8)
+    text = "id,source,target,target_landmarks,source_landmarks,lesion\n"
+    text += (f'c0,"{case}/source_t1.nii.gz,{case}/source_t2.nii.gz","{case}/target_t1.nii.gz,{case}/target_t2.nii.gz",'
+             f"{case}/target_landmarks.fcsv,{case}/source_landmarks.fcsv,{tmp_path / 'lesion.nii.gz'}\n")
+    (tmp_path / "manifest.csv").write_text(text)
+    params = _params(tmp_path, "tiny.txt")
+    out = tmp_path / "out"
+    res = invoke("evaluate", tmp_path / "manifest.csv", "--method", f"tiny={params}", "-o", out, "-q")
+    assert res.exit_code == 0, res.output
+    row = read_results(out / "results.csv")[("c0", "tiny")]
+    tre = json.loads((out / "cases" / "c0" / "tiny" / "tre.json").read_text())
+    landmarks = read_landmarks(case / "target_landmarks.fcsv").points_lps_mm
+    near = np.linalg.norm(landmarks - first, axis=1) <= 6.0 + 20.0 + 1.0  # ball + 20 mm, + a voxel's slack
+    assert 1 <= row["n_near_lesion"] <= near.sum()
+    errors = np.array([r["error_mm"] for r in tre["landmarks"]])
+    assert row["n_near_lesion"] < len(errors)
+    assert errors.min() - 1e-6 <= row["tre_near_lesion_mean"] <= errors.max() + 1e-6
+    summary = (out / "summary.md").read_text()
+    assert "TRE within 20 mm of the lesion" in summary
+    assert f"| {int(row['n_near_lesion'])} |" in summary
