@@ -30,6 +30,10 @@ Method SPEC (``--method NAME=SPEC``)
         drn:MODEL        a DRN (model file from ``combireg train``, or ``drn`` for the shipped
                          model) whose fields start the instance optimisation; with
                          ``(MaximumNumberOfIterations 0)`` in params:FILE, the DRN alone
+        mask:exclude-lesion
+                         cost-function masking with the manifest's lesion mask: the target's
+                         lesion voxels do not count in the similarity (``run --target-mask``
+                         with the mask's complement); needs the ``lesion`` column
 
     A SPEC whose first item has no known ``KEY:`` prefix is a parameter file, so
     ``NAME=FILE`` means ``NAME=params:FILE`` and ``NAME=FILE,init:FIELD`` works too. Relative
@@ -213,6 +217,7 @@ class MethodSpec:
     init: str | None = None
     baseline: str | None = None
     drn: str | None = None
+    exclude_lesion: bool = False
     settings: object = None
 
     def init_for(self, case_id: str) -> Path | None:
@@ -259,12 +264,19 @@ def _spec_drn(method: MethodSpec, value: str) -> None:
     method.drn = value
 
 
+def _spec_mask(method: MethodSpec, value: str) -> None:
+    if value.strip().lower() != "exclude-lesion":
+        raise CombiregError(f"method {method.name!r}: mask:{value} is not known (mask:exclude-lesion)")
+    method.exclude_lesion = True
+
+
 #: SPEC keys and their handlers; a new kind of method adds its key here.
 SPEC_KEYS: dict[str, Callable[[MethodSpec, str], None]] = {
     "params": _spec_params,
     "init": _spec_init,
     "baseline": _spec_baseline,
     "drn": _spec_drn,
+    "mask": _spec_mask,
 }
 
 
@@ -309,8 +321,8 @@ def parse_method(text: str) -> MethodSpec:
     if method.drn is not None and method.init is not None:
         raise CombiregError(f"method {name!r}: give 'drn:' or 'init:', not both")
     if method.baseline is not None:
-        if method.init is not None or method.drn is not None:
-            raise CombiregError(f"method {name!r}: a baseline takes no 'init:' or 'drn:'")
+        if method.init is not None or method.drn is not None or method.exclude_lesion:
+            raise CombiregError(f"method {name!r}: a baseline takes no 'init:', 'drn:' or 'mask:'")
         if method.params is not None:
             # validate up front
             if method.baseline == "elastix":
@@ -414,7 +426,7 @@ def run_cell(case: Case, method: MethodSpec, outdir: str | os.PathLike, *, devic
         result = run_baseline(method.baseline, source, target, parameter_file=method.params)
     else:
         result = register(source, target, method.settings, init=method.drn if init is None else str(init),
-                          device=device)
+                          device=device, target_mask=_lesion_exclusion(case, target) if method.exclude_lesion else None)
     peak = _peak_memory_mb(result.report["peak_memory_mb"]) if reset else result.report["peak_memory_mb"]
     result.report["tre"] = compute_tre(result.displacement_lps_mm, result.target_geometry,
                                        target_lm, source_lm).to_dict()
@@ -482,6 +494,20 @@ def lesion_distances(points_lps_mm: np.ndarray, lesion) -> np.ndarray:
     nearest_world = geometry.index_to_world(nearest_zyx[:, ::-1].astype(np.float64))
     distance = np.linalg.norm(nearest_world - points_lps_mm, axis=1)
     return np.where(mask[z, y, x], 0.0, distance)
+
+
+def _lesion_exclusion(case: Case, target):
+    """The complement of the case's lesion mask on the target grid (a target mask for register)."""
+    import torch
+
+    from . import io
+    from .image import Image
+    from .warp import resample_image
+
+    if case.lesion is None:
+        raise CombiregError("mask:exclude-lesion needs a lesion column in the manifest")
+    lesion = resample_image(io.read_image(case.lesion), target.geometry, mode="nearest")
+    return Image((lesion.data[:1] <= 0.5).to(torch.float32), target.geometry)
 
 
 def _near_lesion(case: Case, tre) -> dict:

@@ -384,3 +384,36 @@ def test_evaluate_reports_tre_near_the_lesion(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "TRE within 20 mm of the lesion" in summary
     assert f"| {int(row['n_near_lesion'])} |" in summary
+
+
+def test_mask_exclude_lesion_masks_the_lesion_out_of_the_similarity(tmp_path, monkeypatch):
+    from combireg import api, io
+    from combireg.evaluate import parse_method, read_manifest, run_cell
+
+    case_dir = SAMPLES / "case0000"
+    target = io.read_image(case_dir / "target_t1.nii.gz")
+    ball = np.zeros(target.geometry.shape, dtype=np.uint8)
+    ball[10:20, 12:22, 8:18] = 1
+    io.write_image(tmp_path / "lesion.nii.gz", ball, target.geometry, dtype=np.uint8)
+    text = "id,source,target,target_landmarks,source_landmarks,lesion\n"
+    text += (f"c0,{case_dir}/source_t1.nii.gz,{case_dir}/target_t1.nii.gz,{case_dir}/target_landmarks.fcsv,"
+             f"{case_dir}/source_landmarks.fcsv,{tmp_path / 'lesion.nii.gz'}\n")
+    (tmp_path / "manifest.csv").write_text(text)
+    case = read_manifest(tmp_path / "manifest.csv")[0]
+    seen = {}
+    real = api.register
+
+    def spy(*args, target_mask=None, **kwargs):
+        seen["mask"] = target_mask
+        return real(*args, target_mask=target_mask, **kwargs)
+
+    monkeypatch.setattr(api, "register", spy)
+    params = _params(tmp_path, "tiny.txt")
+    row = run_cell(case, parse_method(f"masked={params},mask:exclude-lesion"), tmp_path / "out")
+    assert row["status"] == "ok"
+    mask = seen["mask"].numpy()[0]
+    np.testing.assert_array_equal(mask, 1.0 - ball)  # the lesion is out, everything else counts
+    with pytest.raises(CombiregError, match="mask:exclude-lesion"):
+        parse_method(f"bad={params},mask:lesion")
+    with pytest.raises(CombiregError, match="takes no"):
+        parse_method("base=baseline:elastix,mask:exclude-lesion")
