@@ -7,6 +7,7 @@ once); one test starts its own through ``--workers`` (the default path of the co
 import json
 import os
 import socket
+import sys
 import time
 
 import numpy as np
@@ -274,3 +275,17 @@ def test_run_batch_from_python_with_nothing_to_do(finished, data):
     out, _ = finished
     summary = run_batch(data / "manifest.csv", out, params=data / "tiny.txt", scheduler="tcp://127.0.0.1:1")
     assert (summary.done, summary.skipped, summary.failed, summary.workers) == (0, 3, [], 0)
+
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_worker_tasks_keep_large_allocations(cluster):
+    """dask starts workers with MALLOC_TRIM_THRESHOLD_, which made every large tensor an
+    mmap/munmap pair (2.2x slower registrations): every task resets glibc's thresholds first."""
+    from distributed import Client
+
+    from combireg.batch import call_with_thread_limit, keep_large_allocations
+
+    assert keep_large_allocations() is True
+    with Client(cluster) as client:
+        assert client.submit(call_with_thread_limit, 1, keep_large_allocations, pure=False).result() is True
