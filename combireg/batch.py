@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .errors import CombiregError
 from .evaluate import Case, read_manifest
+from .outputs import prepare_resumable_dir
 
 __all__ = [
     "SUMMARY_NAME",
@@ -569,14 +570,6 @@ def _check_init(init) -> str | None:
     return init
 
 
-def _check_outdir(outdir: Path, overwrite: bool) -> None:
-    from .outputs import prepare_output_dir
-
-    prepare_output_dir(outdir, overwrite=True)  # a directory (or nothing) we can write
-    if outdir.is_dir() and any(outdir.iterdir()) and not (outdir / SUMMARY_NAME).is_file() and not overwrite:
-        raise CombiregError(f"{outdir}: not empty and holds no {SUMMARY_NAME} to resume (use --overwrite)")
-
-
 def _estimate_case_bytes(cases: Sequence[Case], settings) -> int | None:
     """Estimated peak memory of one case, from the first case whose images can be read."""
     from . import io
@@ -650,7 +643,7 @@ def run_batch(manifest: str | os.PathLike, outdir: str | os.PathLike, *, params=
     init = _check_init(init)
     if scheduler is None:
         device = str(resolve_device(device))  # here, where the local workers run
-    _check_outdir(outdir, overwrite)
+    prepare_resumable_dir(outdir, SUMMARY_NAME, overwrite=overwrite)
 
     summary = BatchSummary(outdir)
     pending: list[Case] = []

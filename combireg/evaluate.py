@@ -75,6 +75,7 @@ import numpy as np
 
 from .adapters import BASELINES  # the names ``baseline:NAME`` can take
 from .errors import CombiregError
+from .outputs import prepare_resumable_dir
 
 __all__ = [
     "MANIFEST_COLUMNS",
@@ -805,14 +806,6 @@ class Evaluation:
         return self.outdir / SUMMARY_NAME
 
 
-def _prepare_outdir(outdir: Path, overwrite: bool) -> None:
-    from .outputs import prepare_output_dir
-
-    prepare_output_dir(outdir, overwrite=True)  # existence/writability only
-    if outdir.is_dir() and any(outdir.iterdir()) and not (outdir / RESULTS_NAME).is_file() and not overwrite:
-        raise CombiregError(f"{outdir}: not empty and holds no {RESULTS_NAME} to resume (use --overwrite)")
-
-
 def _check_resumable(previous: dict, methods: Sequence[MethodSpec], outdir: Path) -> None:
     specs = {m.name: m.spec for m in methods}
     for (_, name), row in previous.items():
@@ -877,7 +870,7 @@ def run_evaluation(manifest: str | os.PathLike, methods: Sequence[str | MethodSp
     if dup:
         raise CombiregError(f"method name(s) given twice: {', '.join(dup)}")
     pairs = parse_comparisons(compare, specs)
-    _prepare_outdir(outdir, overwrite)
+    prepare_resumable_dir(outdir, RESULTS_NAME, overwrite=overwrite)
     results = outdir / RESULTS_NAME
     previous = {} if overwrite else read_results(results)
     _check_resumable(previous, specs, outdir)

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from .errors import CombiregError
 
-__all__ = ["prepare_output_dir", "atomic_output_dir"]
+__all__ = ["prepare_output_dir", "prepare_resumable_dir", "atomic_output_dir"]
 
 
 def prepare_output_dir(outdir: str | os.PathLike, *, overwrite: bool) -> Path:
@@ -42,6 +42,23 @@ def prepare_output_dir(outdir: str | os.PathLike, *, overwrite: bool) -> Path:
         os.rmdir(probe)
     except OSError:
         raise CombiregError(f"{outdir}: output directory is not writable") from None
+    return outdir
+
+
+def prepare_resumable_dir(outdir: str | os.PathLike, marker: str, *, overwrite: bool) -> Path:
+    """Check that ``outdir`` may hold a resumable run (``evaluate``, ``batch``); returns it absolute.
+
+    A non-empty folder is accepted only when it holds ``marker`` (the run's own results file,
+    so the run resumes there) or with ``overwrite``.
+
+    Raises
+    ------
+    CombiregError
+        ``outdir`` is a file or cannot be written, or is not empty without ``marker``.
+    """
+    outdir = prepare_output_dir(outdir, overwrite=True)  # existence and writability only
+    if outdir.is_dir() and any(outdir.iterdir()) and not (outdir / marker).is_file() and not overwrite:
+        raise CombiregError(f"{outdir}: not empty and holds no {marker} to resume (use --overwrite)")
     return outdir
 
 
