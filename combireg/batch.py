@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .errors import CombiregError
-from .evaluate import Case, read_manifest
+from .evaluate import Case, load_case, read_manifest
 from .outputs import prepare_resumable_dir
 
 __all__ = [
@@ -480,21 +480,13 @@ def _register_case(case: Case, case_dir: Path, settings, init: str | None, devic
                    landmark_space: str | None) -> dict:
     import torch
 
-    from . import io
     from .api import register
     from .device import resolve_device
-    from .landmarks import compute_tre, read_landmarks
+    from .landmarks import compute_tre
 
-    missing = case.missing_files()
-    if missing:
-        raise CombiregError(f"missing file {missing[0]}")
     init = _init_for(init, case.id)
-    target_lm = read_landmarks(case.target_landmarks, space=landmark_space, reference=case.target[0])
-    source_lm = read_landmarks(case.source_landmarks, space=landmark_space, reference=case.source[0])
-    target = io.read_channels([str(p) for p in case.target], role="target")
-    source = io.read_channels([str(p) for p in case.source], role="source")
+    source, target, target_lm, source_lm = load_case(case, landmark_space)
     _set_itk_threads(torch.get_num_threads())  # ITK is loaded now: cheap
-    compute_tre(None, target.geometry, target_lm, source_lm)  # matching + grid check before the work
     settings = settings.replace(num_threads=torch.get_num_threads())
     result = register(source, target, settings, init=init, device=str(resolve_device(device)))
     tre = compute_tre(result.displacement_lps_mm, result.target_geometry, target_lm, source_lm)

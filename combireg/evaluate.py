@@ -85,6 +85,7 @@ __all__ = [
     "MethodSpec",
     "Evaluation",
     "read_manifest",
+    "load_case",
     "parse_method",
     "parse_comparisons",
     "run_cell",
@@ -388,6 +389,37 @@ def _cell_dir(outdir: Path, case: Case, method: MethodSpec) -> Path:
     return outdir / CASES_DIR / case.id / method.name
 
 
+def load_case(case: Case, landmark_space: str | None = None) -> tuple:
+    """Read a case's images and landmarks and check them before any registration work.
+
+    Returns
+    -------
+    source, target : Image
+    target_landmarks, source_landmarks : Landmarks
+        Matched (by label or order), target landmarks inside the target grid.
+
+    Raises
+    ------
+    CombiregError
+        A missing file, unreadable images or landmarks, landmarks that do not match.
+    """
+    from . import io
+    from .landmarks import compute_tre, read_landmarks
+
+    missing = case.missing_files()
+    if missing:
+        raise CombiregError(f"missing file {missing[0]}")
+    target_lm = read_landmarks(case.target_landmarks, space=landmark_space, reference=case.target[0])
+    source_lm = read_landmarks(case.source_landmarks, space=landmark_space, reference=case.source[0])
+    target = io.read_channels([str(p) for p in case.target], role="target")
+    source = io.read_channels([str(p) for p in case.source], role="source")
+    compute_tre(None, target.geometry, target_lm, source_lm)  # matching + grid check before the work
+    outside = ~source.geometry.contains_index(source.geometry.world_to_index(source_lm.points_lps_mm))
+    if outside.any():
+        log.warning("%s: %d source landmark(s) lie outside the source image grid", case.id, int(outside.sum()))
+    return source, target, target_lm, source_lm
+
+
 def run_cell(case: Case, method: MethodSpec, outdir: str | os.PathLike, *, device: str = "cpu",
              landmark_space: str | None = None, cell_dir: str | os.PathLike | None = None) -> dict:
     """Register one case with one method, save its outputs and return its results row.
@@ -402,24 +434,15 @@ def run_cell(case: Case, method: MethodSpec, outdir: str | os.PathLike, *, devic
     """
     from . import io
     from .api import FIELD_NAME, register
-    from .landmarks import compute_tre, read_landmarks
+    from .landmarks import compute_tre
     from .warp import jacobian_determinant
 
     start = time.perf_counter()
-    missing = case.missing_files()
-    if missing:
-        raise CombiregError(f"missing file {missing[0]}")
     init = method.init_for(case.id)
     if init is not None and not init.is_file():
         raise CombiregError(f"initial field {init}: no such file")
-    target_lm = read_landmarks(case.target_landmarks, space=landmark_space, reference=case.target[0])
-    source_lm = read_landmarks(case.source_landmarks, space=landmark_space, reference=case.source[0])
-    target = io.read_channels([str(p) for p in case.target], role="target")
-    source = io.read_channels([str(p) for p in case.source], role="source")
-    compute_tre(None, target.geometry, target_lm, source_lm)  # matching + grid check before the work
-    outside = ~source.geometry.contains_index(source.geometry.world_to_index(source_lm.points_lps_mm))
-    if outside.any():
-        log.warning("%s: %d source landmark(s) lie outside the source image grid", case.id, int(outside.sum()))
+    source, target, target_lm, source_lm = load_case(case, landmark_space)
+    lesion = io.read_image(case.lesion) if case.lesion is not None else None
     reset = _reset_peak_memory()
     if method.baseline is not None:
         from .adapters import run_baseline
@@ -427,7 +450,7 @@ def run_cell(case: Case, method: MethodSpec, outdir: str | os.PathLike, *, devic
         result = run_baseline(method.baseline, source, target, parameter_file=method.params)
     else:
         result = register(source, target, method.settings, init=method.drn if init is None else str(init),
-                          device=device, target_mask=_lesion_exclusion(case, target) if method.exclude_lesion else None)
+                          device=device, target_mask=_lesion_exclusion(lesion, target) if method.exclude_lesion else None)
     peak = _peak_memory_mb(result.report["peak_memory_mb"]) if reset else result.report["peak_memory_mb"]
     result.report["tre"] = compute_tre(result.displacement_lps_mm, result.target_geometry,
                                        target_lm, source_lm).to_dict()
@@ -453,7 +476,7 @@ def run_cell(case: Case, method: MethodSpec, outdir: str | os.PathLike, *, devic
         "folding_percent": float(100.0 * np.count_nonzero(jac <= 0) / jac.size),
         "jacobian_min": float(jac.min()),
         "outdir": os.path.relpath(cell, outdir),
-        **_near_lesion(case, tre),
+        **_near_lesion(lesion, tre),
     }
 
 
@@ -497,27 +520,24 @@ def lesion_distances(points_lps_mm: np.ndarray, lesion) -> np.ndarray:
     return np.where(mask[z, y, x], 0.0, distance)
 
 
-def _lesion_exclusion(case: Case, target):
+def _lesion_exclusion(lesion, target):
     """The complement of the case's lesion mask on the target grid (a target mask for register)."""
     import torch
 
-    from . import io
     from .image import Image
     from .warp import resample_image
 
-    if case.lesion is None:
+    if lesion is None:
         raise CombiregError("mask:exclude-lesion needs a lesion column in the manifest")
-    lesion = resample_image(io.read_image(case.lesion), target.geometry, mode="nearest")
+    lesion = resample_image(lesion, target.geometry, mode="nearest")
     return Image((lesion.data[:1] <= 0.5).to(torch.float32), target.geometry)
 
 
-def _near_lesion(case: Case, tre) -> dict:
+def _near_lesion(lesion, tre) -> dict:
     """The near-lesion columns of a results row (empty without a lesion mask)."""
-    if case.lesion is None:
+    if lesion is None:
         return {}
-    from . import io
-
-    near = lesion_distances(tre.target_points, io.read_image(case.lesion)) <= NEAR_LESION_MM
+    near = lesion_distances(tre.target_points, lesion) <= NEAR_LESION_MM
     count = int(near.sum())
     return {"n_near_lesion": count,
             "tre_near_lesion_mean": float(tre.errors_mm[near].mean()) if count else "",
