@@ -429,16 +429,20 @@ def _parameter_difference(case_dir: Path, settings) -> str | None:
     return ", ".join(differ) or None
 
 
+def _summary_numbers(report: dict) -> dict:
+    """A case's numbers for batch_summary.json, from its report (as written to report.json)."""
+    numbers = {"wall_time_s": report.get("wall_time_s"), "peak_memory_mb": report.get("peak_memory_mb")}
+    stats = (report.get("tre") or {}).get("statistics") or {}
+    if stats:
+        numbers.update(tre_initial_mean=stats.get("initial_mean"), tre_mean=stats.get("mean"))
+    numbers["folding_percent"] = (report.get("jacobian") or {}).get("percent_nonpositive")
+    return numbers
+
+
 def _report_numbers(case_dir: Path) -> dict:
     """The summary numbers of a finished case, read back from its report.json."""
     try:
-        report = json.loads((case_dir / "report.json").read_text())
-        numbers = {"wall_time_s": report.get("wall_time_s"), "peak_memory_mb": report.get("peak_memory_mb")}
-        stats = (report.get("tre") or {}).get("statistics") or {}
-        if stats:
-            numbers.update(tre_initial_mean=stats.get("initial_mean"), tre_mean=stats.get("mean"))
-        numbers["folding_percent"] = (report.get("jacobian") or {}).get("percent_nonpositive")
-        return numbers
+        return _summary_numbers(json.loads((case_dir / "report.json").read_text()))
     except (OSError, ValueError, AttributeError):
         return {}
 
@@ -494,10 +498,7 @@ def _register_case(case: Case, case_dir: Path, settings, init: str | None, devic
                             "source_landmarks": str(case.source_landmarks), **tre.to_dict()}
     result.report["batch"] = {"case": case.id}
     result.save(case_dir, overwrite=True)
-    stats = tre.statistics
-    return {"wall_time_s": result.report["wall_time_s"], "peak_memory_mb": result.report["peak_memory_mb"],
-            "tre_initial_mean": stats["initial_mean"], "tre_mean": stats["mean"],
-            "folding_percent": result.report["jacobian"]["percent_nonpositive"]}
+    return _summary_numbers(result.report)
 
 
 # ====================================================================================== driver
