@@ -47,6 +47,7 @@ from .warp import normalised_to_lps_mm, resample_field, resample_image, same_fie
 
 __all__ = [
     "RegistrationUNet",
+    "predict_both",
     "DrnModel",
     "MODEL_FORMAT",
     "MODEL_FORMAT_VERSION",
@@ -174,9 +175,15 @@ class RegistrationUNet(nn.Module):
 
         Shapes as :meth:`forward`; returns two (N, 3, Z, Y, X) tensors.
         """
-        n = source.shape[0]
-        both = self.forward(torch.cat([source, target]), torch.cat([target, source]))
-        return both[:n], both[n:]
+        return predict_both(self, source, target)
+
+
+def predict_both(module: nn.Module, source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(f(S, T), f(T, S))`` in one batched call of ``module`` (a :class:`RegistrationUNet`, or
+    one wrapped in DistributedDataParallel, whose forward must be what is called)."""
+    n = source.shape[0]
+    both = module(torch.cat([source, target]), torch.cat([target, source]))
+    return both[:n], both[n:]
 
 
 # ============================================================================ the internal grid

@@ -52,6 +52,7 @@ from .network import (
     _torch_load,
     atomic_torch_save,
     internal_geometry,
+    predict_both,
     to_internal_grid,
 )
 from .optimize import normalise_intensities, torch_threads
@@ -412,11 +413,9 @@ def _batch_loss(network: torch.nn.Module, pairs: Sequence[tuple[torch.Tensor, to
     device = grid.device
     source = torch.stack([p[0] for p in pairs]).to(device)
     target = torch.stack([p[1] for p in pairs]).to(device)
-    n = source.shape[0]
-    # Both directions in one call of the module itself (RegistrationUNet.predict_both's batching):
-    # through DistributedDataParallel's forward, so its gradient hooks see the step.
-    both = network(torch.cat([source, target]), torch.cat([target, source]))
-    u_st, u_ts = both[:n], both[n:]
+    # Through the module's own forward (DistributedDataParallel's, when wrapped): its gradient
+    # hooks must see the step.
+    u_st, u_ts = predict_both(network, source, target)
     total = source.new_zeros(())
     for i, (_, _, scale) in enumerate(pairs):
         loss, _ = drn_loss(u_st[i:i + 1], u_ts[i:i + 1], source[i:i + 1], target[i:i + 1], scale.to(device),
