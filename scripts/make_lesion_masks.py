@@ -37,10 +37,9 @@ def lesion_ball(target_path: Path, centre_lps_mm, radius_mm: float) -> tuple[np.
     """A uint8 ball on the target image's grid (world coordinates, any direction)."""
     image = io.read_image(target_path)
     geometry = image.geometry
-    zyx = np.indices(geometry.shape).reshape(3, -1)
-    points = geometry.index_to_world(zyx[::-1].T.astype(np.float64))  # (x, y, z) indices -> LPS mm
-    inside = np.linalg.norm(points - np.asarray(centre_lps_mm, dtype=np.float64), axis=1) <= radius_mm
-    return inside.reshape(geometry.shape).astype(np.uint8), geometry
+    points = geometry.world_grid()  # (Z, Y, X, 3) LPS mm
+    inside = np.linalg.norm(points - np.asarray(centre_lps_mm, dtype=np.float64), axis=-1) <= radius_mm
+    return inside.astype(np.uint8), geometry
 
 
 def main() -> None:
