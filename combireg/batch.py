@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from .errors import CombiregError
+from .errors import CombiregError, first_line
 from .evaluate import Case, load_case, read_manifest
 from .outputs import prepare_resumable_dir
 
@@ -217,11 +217,6 @@ def plan_workers(cores: int, *, workers: int | None = None, threads: int | None 
     return int(workers), int(threads)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _probe_scheduler(address: str, timeout: float) -> None:
     """Fail fast (CombiregError) unless a dask endpoint answers at ``address``.
 
@@ -242,14 +237,14 @@ def _probe_scheduler(address: str, timeout: float) -> None:
         scheme, location = parse_address(address)
         get_backend(scheme)  # a scheme dask knows
     except (ValueError, TypeError) as exc:
-        raise CombiregError(f"--scheduler {address!r}: {_first_line(exc)} (expected e.g. tcp://HOST:8786)") from None
+        raise CombiregError(f"--scheduler {address!r}: {first_line(exc)} (expected e.g. tcp://HOST:8786)") from None
     if scheme in ("tcp", "tls"):
         try:
             host, port = parse_host_port(location)
             with socket.create_connection((host, int(port)), timeout=timeout):
                 pass
         except (OSError, ValueError) as exc:
-            raise CombiregError(f"{where} ({_first_line(exc)})") from None
+            raise CombiregError(f"{where} ({first_line(exc)})") from None
 
     async def handshake() -> None:
         comm = await connect(address, timeout=timeout)
@@ -262,7 +257,7 @@ def _probe_scheduler(address: str, timeout: float) -> None:
         with ThreadPoolExecutor(max_workers=1) as pool:
             pool.submit(run).result()
     except (OSError, ValueError, asyncio.TimeoutError, TimeoutError) as exc:
-        raise CombiregError(f"{where} within {timeout:g} s ({_first_line(exc)})") from None
+        raise CombiregError(f"{where} within {timeout:g} s ({first_line(exc)})") from None
 
 
 @contextlib.contextmanager
@@ -337,7 +332,7 @@ def _remote_executor(scheduler: str, threads: int | None, connect_timeout: float
     try:
         client = Client(scheduler, timeout=connect_timeout, set_as_default=False)
     except (OSError, ValueError, TimeoutError) as exc:  # the probe passed, the client still failed
-        raise CombiregError(f"cannot connect to the dask scheduler at {scheduler} ({_first_line(exc)})") from None
+        raise CombiregError(f"cannot connect to the dask scheduler at {scheduler} ({first_line(exc)})") from None
     try:
         count = len(client.scheduler_info().get("workers", {}))
         if count == 0:
@@ -422,7 +417,7 @@ def _parameter_difference(case_dir: Path, settings) -> str | None:
     try:
         old = parse_text(path.read_text(), str(path))
     except (OSError, CombiregError) as exc:
-        return f"unreadable ({_first_line(exc)})"
+        return f"unreadable ({first_line(exc)})"
     new = settings.to_parameter_map()
     keys = (set(old) | set(new)) - {"NumberOfThreads"}  # a resource, not a result, setting
     differ = sorted(k for k in keys if tuple(old.get(k, ())) != tuple(new.get(k, ())))
@@ -702,7 +697,7 @@ def run_batch(manifest: str | os.PathLike, outdir: str | os.PathLike, *, params=
                         record = future.result()
                     except Exception as exc:  # the worker died (KilledWorker) or the task was cancelled
                         record = {"case": case.id, "status": "failed",
-                                  "error": f"{type(exc).__name__}: {' '.join(_first_line(exc).split())}"}
+                                  "error": f"{type(exc).__name__}: {' '.join(first_line(exc).split())}"}
                     record = {k: v for k, v in record.items() if k != "case"}
                     record["outdir"] = case.id
                     summary.cases[case.id] = record

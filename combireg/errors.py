@@ -6,3 +6,10 @@ class CombiregError(Exception):
 
     Anything else that escapes the library is a bug and keeps its traceback.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for
+    one-line errors that wrap another library's multi-line one."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

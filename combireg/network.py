@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import __version__
-from .errors import CombiregError
+from .errors import CombiregError, first_line
 from .filters import smooth_and_resize
 from .geometry import Geometry
 from .image import Image
@@ -431,11 +431,6 @@ def save_model(model: DrnModel, path: str | os.PathLike) -> Path:
     return atomic_torch_save(model.to_dict(), path)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def _load_error(exc: BaseException) -> str:
     """The informative part of a torch.load failure (its messages run over many lines)."""
     text = str(exc)
@@ -512,5 +507,5 @@ def load_model(path_or_name: str | os.PathLike) -> DrnModel:
     except CombiregError:
         raise
     except Exception as exc:  # wrong shapes, missing weights, bad config values
-        raise CombiregError(f"{path}: inconsistent DRN model file ({_first_line(exc)})") from None
+        raise CombiregError(f"{path}: inconsistent DRN model file ({first_line(exc)})") from None
     return model

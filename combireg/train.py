@@ -41,13 +41,12 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import CombiregError
+from .errors import CombiregError, first_line
 from .image import Image
 from .losses import gradient_regulariser, weighted_similarity
 from .network import (
     DrnModel,
     RegistrationUNet,
-    _first_line,
     _plain,
     _torch_load,
     atomic_torch_save,
@@ -193,7 +192,7 @@ def read_training_manifest(path: str | os.PathLike) -> list[tuple[str, list[Path
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        raise CombiregError(f"{path}: cannot read manifest ({_first_line(exc)})") from None
+        raise CombiregError(f"{path}: cannot read manifest ({first_line(exc)})") from None
     reader = csv.DictReader(text.splitlines())
     header = [h.strip() for h in (reader.fieldnames or [])]
     missing = [c for c in ("id", "source", "target") if c not in header]
@@ -338,7 +337,7 @@ def _read_synth_cache(path: Path, key: str) -> TrainingData | None:
         return TrainingData(pairs, int(obj["channels"]), tuple(obj["internal_shape"]),
                             tuple(obj["normalization_percentiles"]), dict(obj["description"]))
     except Exception as exc:  # a broken cache is regenerated, not an error
-        log.warning("ignoring unreadable cache %s (%s)", path, _first_line(exc))
+        log.warning("ignoring unreadable cache %s (%s)", path, first_line(exc))
         return None
 
 
@@ -711,7 +710,7 @@ def _join_process_group(device: torch.device) -> tuple[_Ranks, torch.device]:
         try:
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         except Exception as exc:  # a wrong MASTER_ADDR/PORT etc.: one line, not a trace
-            raise CombiregError(f"cannot join the torch.distributed process group ({_first_line(exc)})") from None
+            raise CombiregError(f"cannot join the torch.distributed process group ({first_line(exc)})") from None
         joined = True
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
@@ -824,7 +823,7 @@ def train_drn(data: DataLike, params: TrainingSettings | str | os.PathLike | Non
             network.load_state_dict(ckpt["model_state"])
             optimiser.load_state_dict(ckpt["optimizer_state"])
         except Exception as exc:
-            raise CombiregError(f"{ckpt_file}: inconsistent checkpoint ({_first_line(exc)})") from None
+            raise CombiregError(f"{ckpt_file}: inconsistent checkpoint ({first_line(exc)})") from None
         start_epoch = int(ckpt["epoch"])
         best_epoch, best_loss = int(ckpt.get("best_epoch", 0)), ckpt.get("best_loss")
         best_state = ckpt["best_state"]
