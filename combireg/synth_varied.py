@@ -74,6 +74,7 @@ from .synth import (
     _smooth_hull,
     _soft_inside,
     _unit_vectors,
+    _world_to_index,
     estimate_brain_mask,
     fetch_template,
 )
@@ -131,6 +132,54 @@ class GaussianShift:
         d, g = self._gauss(p)
         grad = -(g / self.sigma**2)[:, None] * d
         return self.vector[None, :, None] * grad[:, None, :]
+
+
+@dataclass(frozen=True)
+class BrainOnly:
+    """A displacement ``w(p) = m(p) f(p)`` confined to the brain by a smooth mask ``m``.
+
+    Why: a brain shift moves the brain but not the skull and scalp, so the brain slides along
+    the inside of the skull and opens an extra-axial gap under the craniotomy; a field smooth
+    across the whole head (what every registration method assumes) cannot be right on both
+    sides of that boundary, which is what makes cortical points hard in real post-operative
+    scans. ``m`` is the brain hull smoothed with a Gaussian of a few mm, sampled trilinearly
+    together with its world-space gradient (for the Jacobian ``m J_f + f (grad m)^T``).
+
+    Parameters
+    ----------
+    inner : callable with ``jacobian``
+        The displacement ``f`` (e.g. a :class:`GaussianShift`).
+    mask : ndarray, (4, z, y, x)
+        ``m`` and its world-space gradient (d/dx, d/dy, d/dz in LPS), float32.
+    geometry : Geometry
+        The grid of ``mask``.
+    """
+
+    inner: object
+    mask: np.ndarray
+    geometry: Geometry
+
+    def _mask(self, p: np.ndarray) -> np.ndarray:
+        """(4, N) samples; beyond the grid the border value, so the map stays continuous."""
+        coords = _world_to_index(self.geometry, p)[:, ::-1].T
+        return np.stack([ndi.map_coordinates(v, coords, order=1, mode="nearest", prefilter=False)
+                         for v in self.mask])
+
+    def __call__(self, p: np.ndarray) -> np.ndarray:
+        return self._mask(p)[0][:, None] * self.inner(p)
+
+    def jacobian(self, p: np.ndarray) -> np.ndarray:
+        m = self._mask(p)
+        return m[0][:, None, None] * self.inner.jacobian(p) + self.inner(p)[:, :, None] * m[1:].T[:, None, :]
+
+
+def _smooth_mask_with_gradient(mask: np.ndarray, geometry: Geometry, sigma_mm: float) -> np.ndarray:
+    """(4, z, y, x): a binary mask smoothed by ``sigma_mm`` and its gradient in world (LPS) axes."""
+    smooth = ndi.gaussian_filter(mask.astype(np.float32), [sigma_mm / s for s in reversed(geometry.spacing)])
+    d_index = np.stack([np.gradient(smooth, axis=2 - a) for a in range(3)])  # d/di, d/dj, d/dk
+    to_world = np.linalg.inv(geometry.index_to_world_linear).T  # grad_world = inv(L)^T grad_index
+    d_world = np.einsum("wa,azyx->wzyx", to_world, d_index)
+    return np.concatenate([smooth[None], d_world]).astype(np.float32)
 
 
 def _bounded_fourier(rng: np.random.Generator, amplitude: float, wavelength_mm: tuple[float, float],
@@ -199,10 +248,19 @@ def _looks(norm_c: np.ndarray, brain_c: np.ndarray, hull: np.ndarray) -> _Looks:
                                dtype=np.float32))
 
 
-def _craniotomy(hull: np.ndarray, geometry: Geometry, tumour_centre: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A point of the hull's surface near the tumour: the nearest few surface voxels, one at random."""
+def _craniotomy(hull: np.ndarray, geometry: Geometry, tumour_centre: np.ndarray, brain_centre: np.ndarray,
+                rng: np.random.Generator) -> np.ndarray:
+    """Where the surgeon opens the skull: a point of the brain hull's convexity near the tumour.
+
+    Candidates are hull-surface voxels on the tumour's side of the midline and above the axial
+    plane 10 mm below the brain's centre (a craniotomy is made over the convexity, not the skull
+    base); one of the 20 nearest to the tumour is drawn.
+    """
     surface = hull & ~ndi.binary_erosion(hull)
     world = geometry.index_to_world(np.argwhere(surface)[:, ::-1].astype(np.float64))
+    side = np.sign(tumour_centre[0] - brain_centre[0]) or 1.0
+    convexity = (world[:, 2] > brain_centre[2] - 10.0) & (side * (world[:, 0] - brain_centre[0]) > 10.0)
+    world = world[convexity] if convexity.any() else world
     distance = np.linalg.norm(world - tumour_centre, axis=1)
     nearest = np.argsort(distance)[:20]
     return world[nearest[rng.integers(len(nearest))]]
@@ -270,26 +328,31 @@ def make_anatomy(template: Image, afids: Landmarks, seed: int, *, brain_mask: np
     sampling = tuple(reversed(coarse_geom.spacing))
     outside_hull = ndi.distance_transform_edt(~hull, sampling=sampling).astype(np.float32)
     hull_depth_c = ndi.distance_transform_edt(hull, sampling=sampling).astype(np.float32)
-    craniotomy = _craniotomy(hull, coarse_geom, centre, rng_warp)
     brain_centre = geom.index_to_world(np.argwhere(brain).mean(axis=0)[None, ::-1])[0]
+    craniotomy = _craniotomy(hull, coarse_geom, centre, brain_centre, rng_warp)
 
     radius = lesion.radius
     push = RadialField(centre, radius, min(2.0 * rng_warp.uniform(3.0, 8.0) / radius, 1.6))
-    pull = RadialField(centre, radius, -min(2.0 * rng_warp.uniform(1.5, 4.0) / radius, 0.5))
+    pull = RadialField(centre, radius, -min(2.0 * rng_warp.uniform(3.0, 7.0) / radius, 0.5))
     inward = brain_centre - craniotomy
     inward /= np.linalg.norm(inward)
     tilt = rng_warp.normal(size=3) * 0.3
     direction = inward + tilt - inward * np.dot(tilt, inward)
     direction /= np.linalg.norm(direction)
-    shift = GaussianShift(craniotomy, direction * rng_warp.uniform(5.0, 10.0), float(rng_warp.uniform(30.0, 45.0)))
-    cortex = _bounded_fourier(rng_warp, rng_warp.uniform(2.0, 3.0), (25.0, 60.0), max_gradient=0.3)
+    brain_mask_c = _smooth_mask_with_gradient(hull, coarse_geom, 2.5)
+    shift = BrainOnly(GaussianShift(craniotomy, direction * rng_warp.uniform(8.0, 14.0),
+                                    float(rng_warp.uniform(35.0, 55.0))), brain_mask_c, coarse_geom)
+    # The brain also moves inside the skull away from the craniotomy (CSF drainage, sagging).
+    cortex = BrainOnly(_bounded_fourier(rng_warp, rng_warp.uniform(2.5, 4.0), (25.0, 60.0), max_gradient=0.35),
+                       brain_mask_c, coarse_geom)
+    gyral = _bounded_fourier(rng_warp, rng_warp.uniform(1.5, 2.5), (10.0, 25.0), max_gradient=0.4)
     noise_pre = _bounded_fourier(rng_warp, rng_warp.uniform(1.0, 2.5), (50.0, 150.0), max_gradient=0.15)
     noise_post = _bounded_fourier(rng_warp, rng_warp.uniform(1.0, 2.5), (50.0, 150.0), max_gradient=0.15)
     angles = rng_warp.uniform(-4.0, 4.0, size=3)
     translation = rng_warp.uniform(-4.0, 4.0, size=3)
     rigid = Rigid(_rotation_matrix(angles), brain_centre, translation)
     psi_pre = Deformation((push, noise_pre))
-    psi_post = Deformation((pull, shift, cortex, noise_post), rigid)
+    psi_post = Deformation((pull, shift, cortex, gyral, noise_post), rigid)
 
     cavity_scale = float(rng_lesion.uniform(1.0, 1.3))
     cavity_blood = float(rng_lesion.choice([0.0, 1.0, rng_lesion.uniform(0.3, 0.7)]))
@@ -317,9 +380,10 @@ def make_anatomy(template: Image, afids: Landmarks, seed: int, *, brain_mask: np
         "air_pocket_radius_mm": air_radius,
         "mass_effect_peak_mm": push.peak_mm,
         "collapse_peak_mm": pull.peak_mm,
-        "brain_shift_mm": float(np.linalg.norm(shift.vector)),
-        "brain_shift_sigma_mm": shift.sigma,
-        "cortical_field_max_mm": cortex.max_amplitude,
+        "brain_shift_mm": float(np.linalg.norm(shift.inner.vector)),
+        "brain_shift_sigma_mm": shift.inner.sigma,
+        "cortical_field_max_mm": cortex.inner.max_amplitude,
+        "gyral_field_max_mm": gyral.max_amplitude,
         "random_field_max_mm": {"source": noise_pre.max_amplitude, "target": noise_post.max_amplitude},
         "rigid_target": {"rotation_deg_xyz": angles.tolist(), "translation_lps_mm": translation.tolist()},
         "appearance": {"source": {"noise_sigma": appearance_pre.noise_sigma,
@@ -391,7 +455,7 @@ def _render(anatomy: Anatomy, geometry: Geometry, psi: Deformation, *, postop: b
     worst = 0.0
     for start in range(0, n, _CHUNK):
         stop = min(start + _CHUNK, n)
-        p, residual = psi.inverse(_grid_points(geometry, start, stop))
+        p, residual = psi.inverse(_grid_points(geometry, start, stop), max_iter=100)
         worst = max(worst, float(residual.max()))
         values = _sample([anatomy.norm[0], anatomy.norm[1], anatomy.mask_f], anatomy.template_geometry, p)
         outside = _sample([anatomy.outside_hull_mm], anatomy.coarse_geometry, p)[0]
@@ -485,8 +549,8 @@ def _select_landmarks(anatomy: Anatomy, maps: list[tuple[Deformation, Geometry]]
     (through the map of that grid's side) by :data:`_LANDMARK_MARGIN_MM`, the first N per group."""
     points = anatomy.template_points
     lesion = anatomy.lesion
-    keep = np.linalg.norm(points - lesion.centre, axis=1) > lesion.max_extent_mm * anatomy.cavity_scale + 5.0
-    keep &= np.linalg.norm(points - anatomy.craniotomy, axis=1) > 10.0
+    # Points in the cavity have no counterpart; those around it do (they count, as in BraTS-Reg).
+    keep = np.linalg.norm(points - lesion.centre, axis=1) > lesion.max_extent_mm * anatomy.cavity_scale + 2.0
     for psi, geometry in maps:
         index = geometry.world_to_index(psi(points))
         margin = _LANDMARK_MARGIN_MM / np.asarray(geometry.spacing)
