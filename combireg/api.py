@@ -22,6 +22,7 @@ from .image import Image
 from .outputs import atomic_output_dir, prepare_output_dir
 from .optimize import FieldPair, normalise_intensities, optimise_fields
 from .params import ParamMap, Settings, format_parameter_map, load_settings, settings_from_map
+from .pyramid import pyramid_levels
 from .warp import (
     affine_displacement,
     compose_affine,
@@ -162,7 +163,7 @@ def estimate_memory_bytes(target_geometry: Geometry, source_geometry: Geometry, 
     n_source = source_geometry.num_voxels
     full = n_target * (120 + 24 * channels) + n_source * (40 + 8 * channels)
     directions = 2 if settings.bidirectional else 1
-    level_peak = max(target_geometry.shrink(f).num_voxels for f in settings.pyramid_schedule)
+    level_peak = max(level.geometry.num_voxels for level in pyramid_levels(settings, target_geometry))
     optimisation = level_peak * 4 * (10 * channels + 25) * directions
     return int(full + optimisation + 300e6)  # + interpreter, torch and ITK themselves
 
@@ -226,7 +227,7 @@ def _init_fields(init, source: Image, target: Image, work_geometry: Geometry, se
     """
     if init is None:
         return None, None, None
-    first = work_geometry.shrink(settings.pyramid_schedule[0])
+    first = pyramid_levels(settings, work_geometry)[0].geometry
     if is_model_init(init):
         from .network import DrnModel, load_model
 

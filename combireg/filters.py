@@ -58,14 +58,16 @@ def separable_filter(x: torch.Tensor, mz: torch.Tensor, my: torch.Tensor, mx: to
     return out
 
 
-def box_filter(x: torch.Tensor, window: int, *, transpose: bool = False) -> torch.Tensor:
-    """Local mean over a cube of ``window`` voxels (odd), truncated at the image border.
+def box_filter(x: torch.Tensor, window: int | tuple, *, transpose: bool = False) -> torch.Tensor:
+    """Local mean over a box of ``window`` voxels (odd; one size, or one per axis z, y, x),
+    truncated at the image border.
 
     ``transpose=True`` applies the adjoint filter (rows are normalised, so near the border the
     filter is not symmetric); used by hand-written backward passes.
     """
     _, _, z, y, xs = x.shape
-    mats = [box_matrix(n, window, x.device).to(x.dtype) for n in (z, y, xs)]
+    windows = (window,) * 3 if isinstance(window, int) else tuple(window)
+    mats = [box_matrix(n, w, x.device).to(x.dtype) for n, w in zip((z, y, xs), windows)]
     if transpose:
         mats = [m.T for m in mats]
     return separable_filter(x, *mats)

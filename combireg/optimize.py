@@ -36,6 +36,7 @@ from .geometry import Geometry
 from .image import Image
 from .losses import gradient_regulariser, local_stats, weighted_similarity
 from .params import Settings
+from .pyramid import Level, pyramid_levels
 from .warp import gradient_scale, identity_grid, invert_normalised, upsample_normalised, warp_normalised
 
 __all__ = ["LevelReport", "FieldPair", "optimise_fields", "torch_threads", "normalise_intensities", "level_image",
@@ -337,7 +338,8 @@ class _MetricWeights:
 def optimise_fields(source: torch.Tensor, target: torch.Tensor, geometry: Geometry, settings: Settings, *,
                     init_forward: torch.Tensor | None = None, init_backward: torch.Tensor | None = None,
                     target_mask: torch.Tensor | None = None, source_mask: torch.Tensor | None = None,
-                    callback: Callable[[dict], None] | None = None) -> FieldPair:
+                    callback: Callable[[dict], None] | None = None,
+                    levels: list[Level] | None = None) -> FieldPair:
     """Optimise forward (and backward) fields over the resolution pyramid.
 
     Parameters
@@ -358,6 +360,8 @@ def optimise_fields(source: torch.Tensor, target: torch.Tensor, geometry: Geomet
         their surroundings smoothly.
     callback : callable, optional
         Called after every iteration with a dict (level, levels, iteration, iterations, loss).
+    levels : list of Level, optional
+        The pyramid (default :func:`~combireg.pyramid.pyramid_levels` of ``settings`` on ``geometry``).
 
     Returns
     -------
@@ -367,15 +371,15 @@ def optimise_fields(source: torch.Tensor, target: torch.Tensor, geometry: Geomet
     device = target.device
     forward = init_forward
     backward = init_backward
+    pyramid = pyramid_levels(settings, geometry) if levels is None else levels
     levels = []
     if settings.correspondence_weighting and not settings.bidirectional:
         raise CombiregError('CorrespondenceWeighting "true" needs (Bidirectional "true"): it compares the '
                             'forward and backward fields')
     weights = _MetricWeights(tuple(settings.metric_weights), settings.metric_weighting == "adaptive",
                              settings.metric_weighting_interval)
-    for level in range(settings.num_levels):
-        factors = settings.pyramid_schedule[level]
-        level_geometry = geometry.shrink(factors)
+    for spec in pyramid:
+        level, factors, level_geometry = spec.index, spec.factors, spec.geometry
         shape = level_geometry.shape
         src = level_image(source, factors, shape)
         tgt = level_image(target, factors, shape)
@@ -387,7 +391,7 @@ def optimise_fields(source: torch.Tensor, target: torch.Tensor, geometry: Geomet
         threads = 1 if level_geometry.num_voxels < SINGLE_THREAD_VOXELS else torch.get_num_threads()
         with torch_threads(threads):
             report = _optimise_level(src, tgt, forward, backward if settings.bidirectional else None,
-                                     level_geometry, settings, level, callback, masks, weights)
+                                     level_geometry, settings, level, callback, masks, weights, spec.ncc_window)
         levels.append(report)
         log.info("level %d %s: %d iterations in %.1f s, loss %.5f", level, shape, report.iterations,
                  report.seconds, report.loss)
@@ -397,10 +401,10 @@ def optimise_fields(source: torch.Tensor, target: torch.Tensor, geometry: Geomet
     else:
         # Why: without a backward optimisation the inverse is the numerical inverse of u.
         backward = invert_normalised(forward)
-    last = geometry.shrink(settings.pyramid_schedule[-1])
+    last = pyramid[-1].geometry
     weight, info = None, None
     if settings.correspondence_weighting:
-        content = image_content(level_image(target, settings.pyramid_schedule[-1], last.shape))
+        content = image_content(level_image(target, pyramid[-1].factors, last.shape))
         weight, info = correspondence_weight(forward, backward, last, content=content,
                                              **_correspondence_options(settings))
     return FieldPair(forward, backward, last, levels, weight, info)
@@ -414,10 +418,11 @@ def _correspondence_options(settings: Settings) -> dict:
 def _optimise_level(src: torch.Tensor, tgt: torch.Tensor, forward: torch.Tensor, backward: torch.Tensor | None,
                     level_geometry: Geometry, settings: Settings, level: int,
                     callback: Callable[[dict], None] | None,
-                    masks: tuple = (None, None), weights: _MetricWeights | None = None) -> LevelReport:
+                    masks: tuple = (None, None), weights: _MetricWeights | None = None,
+                    window: tuple | int | None = None) -> LevelReport:
     iterations = settings.iterations[level]
     lr = settings.learning_rate[level]
-    window = settings.ncc_window[level]
+    window = settings.ncc_window[level] if window is None else window
     lam = settings.regularization_weight[level]
     mu = settings.inverse_consistency_weight if backward is not None else 0.0
     if weights is None:

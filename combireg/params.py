@@ -569,6 +569,10 @@ class Settings:
     # Why a default: fields added after the first release keep direct construction working;
     # settings_from_map always gives one value per level.
     histogram_bins: tuple[int, ...] = (32,)
+    #: Level spacing in mm per level (PyramidSpacing); empty: ``pyramid_schedule`` (voxels) rules.
+    pyramid_spacing: tuple[float, ...] = ()
+    #: Local NCC window width in mm per level (NCCWindowWidth); empty: ``ncc_window`` (voxels) rules.
+    ncc_window_mm: tuple[float, ...] = ()
     source: str = field(default="<defaults>", compare=False)
 
     def to_parameter_map(self) -> ParamMap:
