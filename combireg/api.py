@@ -15,13 +15,13 @@ from typing import Callable, Sequence, Union
 import numpy as np
 import torch
 
-from . import __version__
 from .errors import CombiregError
 from .geometry import Geometry
 from .image import Image
 from .outputs import atomic_output_dir, prepare_output_dir
 from .optimize import FieldPair, normalise_intensities, optimise_fields
 from .params import ParamMap, Settings, format_parameter_map, load_settings, settings_from_map
+from .version import __version__
 from .warp import (
     affine_displacement,
     compose_affine,

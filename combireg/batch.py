@@ -617,7 +617,7 @@ def run_batch(manifest: str | os.PathLike, outdir: str | os.PathLike, *, params=
         parameters, or an unreachable scheduler: all before anything is started or written.
         A failing case is recorded and the others go on.
     """
-    from . import __version__
+    from .version import __version__
     from .device import resolve_device
     from .landmarks import parse_space
     from .params import Settings, load_settings

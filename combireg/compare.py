@@ -200,7 +200,7 @@ def table_markdown(rows: Sequence[dict], initial: dict) -> str:
 
 
 def _document(table: str, case, params, initial: dict) -> str:
-    from . import __version__
+    from .version import __version__
 
     return (f"# combireg compare\n\ncombireg {__version__}. Source: {', '.join(map(str, case.source))}; target: "
             f"{', '.join(map(str, case.target))}; landmarks: {case.target_landmarks} (target), "
@@ -213,7 +213,7 @@ def _document(table: str, case, params, initial: dict) -> str:
 
 
 def _json_payload(rows, case, params, initial) -> dict:
-    from . import __version__
+    from .version import __version__
 
     return {
         "combireg_version": __version__,

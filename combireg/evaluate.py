@@ -713,7 +713,7 @@ def _p(value: float) -> str:
 def summary_markdown(manifest: Path, summaries: list[dict], tests: list[dict], rows: dict,
                      cases: Sequence[Case], methods: Sequence[MethodSpec]) -> str:
     """The text of summary.md."""
-    from . import __version__
+    from .version import __version__
 
     with_lesion = any(c.lesion is not None for c in cases)
     lines = [

@@ -40,7 +40,6 @@ from typing import Callable, Sequence, Union
 import numpy as np
 import torch
 
-from . import __version__
 from .errors import CombiregError, first_line
 from .image import Image
 from .losses import gradient_regulariser, weighted_similarity
@@ -56,6 +55,7 @@ from .network import (
 )
 from .optimize import normalise_intensities, torch_threads
 from .params import TrainingSettings, load_training_settings
+from .version import __version__
 from .warp import gradient_scale, identity_grid, warp_normalised
 
 __all__ = [

@@ -39,11 +39,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .. import __version__
 from ..errors import CombiregError
 from ..geometry import Geometry
 from ..image import Image
 from .elastix import ImageLike
+from ..version import __version__
 
 __all__ = ["register_ants", "AntsResult", "require_ants", "METHOD"]
 

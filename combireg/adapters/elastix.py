@@ -30,10 +30,10 @@ from typing import Callable, Sequence, Union
 
 import numpy as np
 
-from .. import __version__
 from ..errors import CombiregError
 from ..geometry import Geometry
 from ..image import Image
+from ..version import __version__
 
 __all__ = ["register_elastix", "run_elastix", "sync_elastix_clock", "ElastixResult", "default_parameter_map", "read_parameter_map",
            "expand_for_channels", "format_elastix_map", "METHOD"]

@@ -76,11 +76,11 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .. import __version__
 from ..errors import CombiregError
 from ..geometry import Geometry
 from ..image import Image
 from .elastix import ImageLike, _itk, _itk_message, _PoolThreader, _to_itk
+from ..version import __version__
 from ..warp import sample_field_at
 
 __all__ = ["register_syn", "SynResult", "SynSettings", "read_syn_settings", "METHOD"]
