@@ -2,7 +2,7 @@
 
 :func:`run_batch` registers each case of a manifest (the format of :mod:`combireg.evaluate`)
 into ``DIR/<case id>/`` with exactly the outputs of ``combireg run`` (written by
-:func:`combireg.api.write_outputs`, atomically), the landmark TRE in ``report.json`` included.
+:func:`combireg.outputs.write_outputs`, atomically), the landmark TRE in ``report.json`` included.
 :func:`dask_executor` is the reusable part: a context manager yielding an :class:`Executor`
 (a ``distributed.Client`` plus a per-task thread budget) on a local cluster or an existing
 scheduler; ``combireg evaluate --workers/--scheduler`` runs its cells on it too.
@@ -389,7 +389,7 @@ def _local_executor(workers: int | None, threads: int | None, per_task_bytes: in
 # ====================================================================================== one case
 def case_complete(case_dir: str | os.PathLike, channels: int) -> bool:
     """Whether ``case_dir`` holds a finished registration of ``channels`` channels (module docstring)."""
-    from .api import FIELD_NAME, INVERSE_FIELD_NAME, PARAMS_NAME, REPORT_NAME, warped_name
+    from .outputs import FIELD_NAME, INVERSE_FIELD_NAME, PARAMS_NAME, REPORT_NAME, warped_name
 
     case_dir = Path(case_dir)
     names = [FIELD_NAME, INVERSE_FIELD_NAME, PARAMS_NAME, *(warped_name(k) for k in range(channels)), REPORT_NAME]
@@ -410,7 +410,7 @@ def case_complete(case_dir: str | os.PathLike, channels: int) -> bool:
 
 def _parameter_difference(case_dir: Path, settings) -> str | None:
     """Keys whose values in ``case_dir/params.txt`` differ from ``settings`` (None: the same)."""
-    from .api import PARAMS_NAME
+    from .outputs import PARAMS_NAME
     from .params import parse_text
 
     path = case_dir / PARAMS_NAME

@@ -266,7 +266,7 @@ def write_qc_picture(path: Path, source, target, outdir: Path, rows: Sequence[di
     import matplotlib.pyplot as plt
 
     from . import io
-    from .api import warped_name
+    from .outputs import warped_name
     from .warp import resample_image
 
     target0 = target.numpy()[0]

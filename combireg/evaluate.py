@@ -433,7 +433,8 @@ def run_cell(case: Case, method: MethodSpec, outdir: str | os.PathLike, *, devic
         Missing files, bad landmarks, or a registration that fails.
     """
     from . import io
-    from .api import FIELD_NAME, register
+    from .api import register
+    from .outputs import FIELD_NAME
     from .landmarks import compute_tre
     from .warp import jacobian_determinant
 

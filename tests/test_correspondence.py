@@ -8,7 +8,8 @@ import torch
 from click.testing import CliRunner
 
 from combireg import Geometry, Image, io
-from combireg.api import CORRESPONDENCE_WEIGHT_NAME, register
+from combireg.api import register
+from combireg.outputs import CORRESPONDENCE_WEIGHT_NAME
 from combireg.errors import CombiregError
 from combireg.losses import SIMILARITIES
 from combireg.optimize import balanced_metric_weights, correspondence_weight, optimise_fields

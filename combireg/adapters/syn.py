@@ -279,7 +279,7 @@ class SynResult:
 
     def save(self, outdir: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the outputs of ``combireg run`` into ``outdir``, whole or not at all."""
-        from ..api import write_outputs
+        from ..outputs import write_outputs
 
         return write_outputs(outdir, self, self.params_text(), overwrite=overwrite)
 
