@@ -1,6 +1,6 @@
 """Register every case of a manifest on a dask.distributed cluster (``combireg batch``).
 
-:func:`run_batch` registers each case of a manifest (the format of :mod:`combireg.evaluate`)
+:func:`run_batch` registers each case of a manifest (the format of :mod:`combireg.cases`)
 into ``DIR/<case id>/`` with exactly the outputs of ``combireg run`` (written by
 :func:`combireg.outputs.write_outputs`, atomically), the landmark TRE in ``report.json`` included.
 :func:`dask_executor` is the reusable part: a context manager yielding an :class:`Executor`
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .errors import CombiregError, first_line
-from .evaluate import Case, load_case, read_manifest
+from .cases import Case, load_case, read_manifest
 from .outputs import prepare_resumable_dir
 
 __all__ = [
@@ -584,7 +584,7 @@ def run_batch(manifest: str | os.PathLike, outdir: str | os.PathLike, *, params=
     Parameters
     ----------
     manifest : path
-        CSV ``id,source,target,target_landmarks,source_landmarks`` (see :mod:`combireg.evaluate`).
+        CSV ``id,source,target,target_landmarks,source_landmarks`` (see :mod:`combireg.cases`).
     outdir : path
         Created if needed; a folder holding a batch_summary.json is resumed.
     params : path, Settings or None

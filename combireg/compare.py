@@ -124,7 +124,8 @@ def compare_pair(source: str | Sequence[str], target: str | Sequence[str], targe
     CombiregError
         Bad input (files, landmarks, methods, output folder), before any registration runs.
     """
-    from .evaluate import Case, _failed_row, run_cell
+    from .cases import Case
+    from .evaluate import _failed_row, run_cell
     from .landmarks import compute_tre, parse_space, read_landmarks
     from .outputs import atomic_output_dir, prepare_output_dir
     from . import io

@@ -6,15 +6,10 @@ in-process with :func:`combireg.api.register`, its outputs are saved to
 computed from the saved forward field.
 
 Manifest
-    A CSV file with the header ``id,source,target,target_landmarks,source_landmarks``.
-    ``source`` and ``target`` are comma-joined channel files (CSV-quoted), the same number
-    on both sides; all paths are relative to the manifest's folder (or absolute). Landmark
-    files are any format :func:`combireg.landmarks.read_landmarks` reads; voxel-index
-    landmarks refer to the first channel of their side. An optional ``lesion`` column names a
-    mask image in target space (any grid; non-zero = lesion, e.g. tumour or resection
-    cavity): the results then also give the TRE over the landmarks within
-    :data:`NEAR_LESION_MM` of it (distance from the target landmark to the nearest lesion
-    voxel centre, 0 inside).
+    The CSV of :mod:`combireg.cases` (``id,source,target,target_landmarks,source_landmarks``
+    and an optional ``lesion`` column): with a lesion mask, the results also give the TRE over
+    the landmarks within :data:`NEAR_LESION_MM` of it (distance from the target landmark to the
+    nearest lesion voxel centre, 0 inside).
 
 Method SPEC (``--method NAME=SPEC``)
     ``SPEC`` is a comma-separated list of ``KEY:VALUE`` items::
@@ -61,11 +56,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io as _stdio
 import logging
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,18 +67,15 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .adapters import BASELINES  # the names ``baseline:NAME`` can take
+from .cases import NAME_PATTERN, Case, load_case, read_manifest
 from .errors import CombiregError
 from .outputs import prepare_resumable_dir
 
 __all__ = [
-    "MANIFEST_COLUMNS",
     "RESULT_COLUMNS",
     "SPEC_KEYS",
-    "Case",
     "MethodSpec",
     "Evaluation",
-    "read_manifest",
-    "load_case",
     "parse_method",
     "parse_comparisons",
     "run_cell",
@@ -98,7 +88,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ("id", "source", "target", "target_landmarks", "source_landmarks")
 RESULTS_NAME = "results.csv"
 SUMMARY_NAME = "summary.md"
 TTESTS_NAME = "ttests.csv"
@@ -117,78 +106,6 @@ RESULT_COLUMNS = (
 )
 #: Landmarks at most this far (mm) from the manifest's lesion mask count as "near the lesion".
 NEAR_LESION_MM = 20.0
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-
-
-# ====================================================================================== manifest
-@dataclass(frozen=True)
-class Case:
-    """One row of a manifest, paths resolved against the manifest's folder."""
-
-    id: str
-    source: tuple
-    target: tuple
-    target_landmarks: Path
-    source_landmarks: Path
-    lesion: Path | None = None  # mask in target space (optional ``lesion`` column)
-
-    def files(self) -> list[Path]:
-        lesion = [] if self.lesion is None else [self.lesion]
-        return [*self.source, *self.target, self.target_landmarks, self.source_landmarks, *lesion]
-
-    def missing_files(self) -> list[Path]:
-        return [p for p in self.files() if not p.is_file()]
-
-
-def _paths(value: str, root: Path) -> tuple:
-    return tuple(root / p.strip() for p in value.split(",") if p.strip())
-
-
-def read_manifest(path: str | os.PathLike) -> list[Case]:
-    """The cases of a manifest CSV (see the module docstring).
-
-    Missing image or landmark files are not checked here: such a case fails on its own when
-    it runs.
-
-    Raises
-    ------
-    CombiregError
-        Missing or unreadable manifest, missing columns, empty fields, bad or duplicate ids,
-        no cases.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CombiregError(f"{path}: no such manifest file")
-    text = path.read_text(errors="replace")
-    reader = csv.DictReader(_stdio.StringIO(text))
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    missing = [c for c in MANIFEST_COLUMNS if c not in header]
-    if missing:
-        raise CombiregError(f"{path}: manifest lacks column(s) {', '.join(missing)} (header must contain "
-                            f"{','.join(MANIFEST_COLUMNS)})")
-    root = path.parent.absolute()
-    cases, seen = [], set()
-    for lineno, raw in enumerate(reader, start=2):
-        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
-        if not any(row.values()):
-            continue
-        empty = [c for c in MANIFEST_COLUMNS if not row.get(c)]
-        if empty:
-            raise CombiregError(f"{path}:{lineno}: empty field(s) {', '.join(empty)}")
-        case_id = row["id"]
-        if not _NAME.match(case_id):
-            raise CombiregError(f"{path}:{lineno}: case id {case_id!r} must be letters, digits and _.+- "
-                                f"(it names a folder)")
-        if case_id in seen:
-            raise CombiregError(f"{path}:{lineno}: duplicate case id {case_id!r}")
-        seen.add(case_id)
-        cases.append(Case(case_id, _paths(row["source"], root), _paths(row["target"], root),
-                          root / row["target_landmarks"], root / row["source_landmarks"],
-                          root / row["lesion"] if row.get("lesion") else None))
-    if not cases:
-        raise CombiregError(f"{path}: manifest lists no cases")
-    return cases
 
 
 # ====================================================================================== methods
@@ -303,7 +220,7 @@ def parse_method(text: str) -> MethodSpec:
     name, spec = name.strip(), spec.strip()
     if not sep or not name or not spec:
         raise CombiregError(f"--method {text!r}: expected NAME=SPEC, e.g. mse=params/mse.txt")
-    if not _NAME.match(name):
+    if not NAME_PATTERN.match(name):
         raise CombiregError(f"--method {text!r}: NAME must be letters, digits and _.+- (it names a folder)")
     method = MethodSpec(name, spec)
     for position, item in enumerate(spec.split(",")):
@@ -387,37 +304,6 @@ def _peak_memory_mb(fallback: float) -> float:
 # ====================================================================================== cells
 def _cell_dir(outdir: Path, case: Case, method: MethodSpec) -> Path:
     return outdir / CASES_DIR / case.id / method.name
-
-
-def load_case(case: Case, landmark_space: str | None = None) -> tuple:
-    """Read a case's images and landmarks and check them before any registration work.
-
-    Returns
-    -------
-    source, target : Image
-    target_landmarks, source_landmarks : Landmarks
-        Matched (by label or order), target landmarks inside the target grid.
-
-    Raises
-    ------
-    CombiregError
-        A missing file, unreadable images or landmarks, landmarks that do not match.
-    """
-    from . import io
-    from .landmarks import compute_tre, read_landmarks
-
-    missing = case.missing_files()
-    if missing:
-        raise CombiregError(f"missing file {missing[0]}")
-    target_lm = read_landmarks(case.target_landmarks, space=landmark_space, reference=case.target[0])
-    source_lm = read_landmarks(case.source_landmarks, space=landmark_space, reference=case.source[0])
-    target = io.read_channels([str(p) for p in case.target], role="target")
-    source = io.read_channels([str(p) for p in case.source], role="source")
-    compute_tre(None, target.geometry, target_lm, source_lm)  # matching + grid check before the work
-    outside = ~source.geometry.contains_index(source.geometry.world_to_index(source_lm.points_lps_mm))
-    if outside.any():
-        log.warning("%s: %d source landmark(s) lie outside the source image grid", case.id, int(outside.sum()))
-    return source, target, target_lm, source_lm
 
 
 def run_cell(case: Case, method: MethodSpec, outdir: str | os.PathLike, *, device: str = "cpu",

@@ -25,7 +25,6 @@ curves). Each is written atomically (temporary file, then rename).
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import json
 import logging
@@ -40,6 +39,7 @@ from typing import Callable, Sequence, Union
 import numpy as np
 import torch
 
+from .cases import read_training_manifest
 from .errors import CombiregError, first_line
 from .image import Image
 from .losses import gradient_regulariser, weighted_similarity
@@ -65,7 +65,6 @@ __all__ = [
     "SYNTH_SEED",
     "pair_tensors",
     "images_data",
-    "read_training_manifest",
     "manifest_data",
     "synth_data",
     "split_cases",
@@ -173,48 +172,6 @@ def _check_channels(case_id: str, source: Image, target: Image, channels: int) -
     if source.num_channels != channels:
         raise CombiregError(f"{case_id}: {source.num_channels} channel(s), but the first case has {channels}; all "
                             "training cases need the same channels")
-
-
-def read_training_manifest(path: str | os.PathLike) -> list[tuple[str, list[Path], list[Path]]]:
-    """``(id, source files, target files)`` of each row of a manifest CSV.
-
-    The format of ``combireg evaluate`` (header with ``id,source,target``; channel files
-    comma-joined and CSV-quoted, relative to the manifest's folder); other columns are ignored.
-
-    Raises
-    ------
-    CombiregError
-        Missing file, missing columns, empty fields, duplicate ids, no rows (``FILE:LINE:``).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CombiregError(f"{path}: no such manifest file")
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CombiregError(f"{path}: cannot read manifest ({first_line(exc)})") from None
-    reader = csv.DictReader(text.splitlines())
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    missing = [c for c in ("id", "source", "target") if c not in header]
-    if missing:
-        raise CombiregError(f"{path}: manifest lacks column(s) {', '.join(missing)} (header must contain id,source,target)")
-    root = path.parent.absolute()
-    rows, seen = [], set()
-    for lineno, raw in enumerate(reader, start=2):
-        row = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in raw.items()}
-        if not any(row.values()):
-            continue
-        empty = [c for c in ("id", "source", "target") if not row.get(c)]
-        if empty:
-            raise CombiregError(f"{path}:{lineno}: empty field(s) {', '.join(empty)}")
-        if row["id"] in seen:
-            raise CombiregError(f"{path}:{lineno}: duplicate case id {row['id']!r}")
-        seen.add(row["id"])
-        files = [[root / p.strip() for p in row[side].split(",") if p.strip()] for side in ("source", "target")]
-        rows.append((row["id"], files[0], files[1]))
-    if not rows:
-        raise CombiregError(f"{path}: manifest lists no cases")
-    return rows
 
 
 def manifest_data(manifest: str | os.PathLike, settings: TrainingSettings, *,

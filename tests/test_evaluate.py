@@ -9,13 +9,13 @@ from click.testing import CliRunner
 from scipy import stats
 
 from combireg.cli.main import main
+from combireg.cases import read_manifest
 from combireg.errors import CombiregError
 from combireg.evaluate import (
     SPEC_KEYS,
     paired_t_test,
     parse_comparisons,
     parse_method,
-    read_manifest,
     read_results,
 )
 from tests.conftest import ROOT
@@ -388,7 +388,8 @@ def test_evaluate_reports_tre_near_the_lesion(tmp_path):
 
 def test_mask_exclude_lesion_masks_the_lesion_out_of_the_similarity(tmp_path, monkeypatch):
     from combireg import api, io
-    from combireg.evaluate import parse_method, read_manifest, run_cell
+    from combireg.cases import read_manifest
+    from combireg.evaluate import parse_method, run_cell
 
     case_dir = SAMPLES / "case0000"
     target = io.read_image(case_dir / "target_t1.nii.gz")

@@ -7,6 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from combireg import Geometry, Image
+from combireg.cases import read_training_manifest
 from combireg.cli.main import main
 from combireg.errors import CombiregError
 from combireg.losses import gradient_regulariser, weighted_similarity
@@ -23,7 +24,6 @@ from combireg.train import (
     curve_path,
     drn_loss,
     images_data,
-    read_training_manifest,
     split_cases,
     synth_data,
     train_drn,
