@@ -69,6 +69,7 @@ import numpy as np
 from .adapters import BASELINES  # the names ``baseline:NAME`` can take
 from .cases import NAME_PATTERN, Case, load_case, read_manifest
 from .errors import CombiregError
+from .executor import dask_executor
 from .outputs import prepare_resumable_dir
 
 __all__ = [
@@ -748,7 +749,7 @@ def run_evaluation(manifest: str | os.PathLike, methods: Sequence[str | MethodSp
         1 (default): the cells run one after another in this process, as always; use this for
         timed benchmarks, so that the cells do not compete for cores and memory. More (or
         None: as many as the cores allow) run the cells on a local dask cluster of that many
-        worker processes (:func:`combireg.batch.dask_executor`).
+        worker processes (:func:`combireg.executor.dask_executor`).
     threads_per_worker : int, optional
         torch/ITK threads of each parallel cell (default: the cores divided among the workers).
     scheduler : str, optional
@@ -811,8 +812,6 @@ def run_evaluation(manifest: str | os.PathLike, methods: Sequence[str | MethodSp
     with contextlib.ExitStack() as stack:
         executor = None
         if parallel and pending:
-            from .batch import dask_executor
-
             # Connected (or started) before anything is written: an unreachable scheduler leaves no trace.
             executor = stack.enter_context(dask_executor(None if scheduler else workers, threads_per_worker,
                                                          scheduler, tasks=len(pending)))
