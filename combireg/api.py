@@ -18,7 +18,8 @@ from .geometry import Geometry
 from .image import Image
 from .outputs import CORRESPONDENCE_WEIGHT_NAME, write_outputs
 from .optimize import FieldPair, normalise_intensities, optimise_fields
-from .params import ParamMap, Settings, format_parameter_map, load_settings, settings_from_map
+from .paramfile import ParamMap
+from .params import Settings, format_parameter_map, load_settings, settings_from_map
 from .version import __version__
 from .warp import (
     affine_displacement,

@@ -80,7 +80,7 @@ def case_complete(case_dir: str | os.PathLike, channels: int) -> bool:
 def _parameter_difference(case_dir: Path, settings) -> str | None:
     """Keys whose values in ``case_dir/params.txt`` differ from ``settings`` (None: the same)."""
     from .outputs import PARAMS_NAME
-    from .params import parse_text
+    from .paramfile import parse_text
 
     path = case_dir / PARAMS_NAME
     try:

@@ -27,8 +27,8 @@ SOURCES = {"combireg": ROOT / "combireg", "combireg.cli": ROOT / "cli"}
 LAYERS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (1, "foundations", ("combireg.errors", "combireg.version", "combireg.geometry", "combireg.image",
                         "combireg.filters", "combireg.device")),
-    (2, "formats and settings", ("combireg.io", "combireg.params", "combireg.outputs", "combireg.landmarks",
-                                 "combireg.cases")),
+    (2, "formats and settings", ("combireg.io", "combireg.paramfile", "combireg.params", "combireg.outputs",
+                                 "combireg.landmarks", "combireg.cases")),
     (3, "engine", ("combireg.losses", "combireg.warp", "combireg.optimize")),
     (4, "tools around the engine", ("combireg.elastix_driver", "combireg.preprocess", "combireg.network",
                                     "combireg.synth")),

@@ -12,10 +12,10 @@ from combireg.cli.main import main
 from combireg.errors import CombiregError
 from combireg.losses import gradient_regulariser, weighted_similarity
 from combireg.network import load_model
+from combireg.paramfile import parse_text
 from combireg.params import (
     default_training_settings,
     load_training_settings,
-    parse_text,
     training_settings_from_map,
 )
 from combireg.train import (

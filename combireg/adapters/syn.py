@@ -254,7 +254,7 @@ def read_syn_settings(path: str | os.PathLike) -> SynSettings:
     CombiregError
         Missing file, a syntax error, an unknown key or a bad value (naming file and line).
     """
-    from ..params import read_parameter_file
+    from ..paramfile import read_parameter_file
 
     pm = read_parameter_file(path)
     return settings_from_map(pm, source=pm.source, lines=pm.lines)
