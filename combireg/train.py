@@ -223,15 +223,16 @@ def synth_data(n: int, settings: TrainingSettings, *, seed: int = SYNTH_SEED, sp
     spacing : float
         Isotropic spacing (mm) the pairs are simulated at.
     template : (Image, Landmarks), optional
-        Two-channel template and its landmarks; default :func:`combireg.synth.fetch_template`.
+        Two-channel template and its landmarks; default :func:`combireg.template.fetch_template`.
     cache_dir : path, optional
         Folder keeping the prepared pairs (one ``.pt`` file per distinct request), so several
         trainings on the same simulated data generate it once.
     template_cache : path, optional
-        Where the template wheel is cached (see :func:`combireg.synth.fetch_template`).
+        Where the template wheel is cached (see :func:`combireg.template.fetch_template`).
     """
     from . import synth
     from .filters import gaussian_blur
+    from .template import AUTOAFIDS_SHA256, AUTOAFIDS_VERSION
 
     if n < 1:
         raise CombiregError(f"--synth needs at least 1 pair, got {n}")
@@ -243,7 +244,7 @@ def synth_data(n: int, settings: TrainingSettings, *, seed: int = SYNTH_SEED, sp
         key = hashlib.sha256(json.dumps({
             "n": n, "seed": seed, "spacing": spacing, "internal_shape": list(settings.internal_shape),
             "percentiles": list(settings.normalization_percentiles), "combireg": __version__,
-            "template": synth.AUTOAFIDS_SHA256}, sort_keys=True).encode()).hexdigest()[:16]
+            "template": AUTOAFIDS_SHA256}, sort_keys=True).encode()).hexdigest()[:16]
         cache_file = Path(cache_dir) / f"synth-{key}.pt"
         cached = _read_synth_cache(cache_file, key)
         if cached is not None:
@@ -252,7 +253,7 @@ def synth_data(n: int, settings: TrainingSettings, *, seed: int = SYNTH_SEED, sp
     start = time.perf_counter()
     if template is None:
         template_image, afids = synth.fetch_template(template_cache)
-        template_name = f"MNI152NLin2009cAsym 1 mm T1w+T2w (autoafids {synth.AUTOAFIDS_VERSION})"
+        template_name = f"MNI152NLin2009cAsym 1 mm T1w+T2w (autoafids {AUTOAFIDS_VERSION})"
     else:
         template_image, afids = template
         template_name = "user template"
