@@ -18,8 +18,8 @@ from combireg import Geometry
 from combireg.batch import SUMMARY_NAME, case_complete, run_batch
 from combireg.cli.main import main
 from combireg.errors import CombiregError
-from combireg.evaluate import read_results
 from combireg.executor import dask_executor, plan_workers
+from combireg.summary import read_results
 from tests.conftest import image_from_world_function, oblique_direction, smooth_pattern
 
 CONTRACT = {"field.nii.gz", "field_inverse.nii.gz", "warped_0.nii.gz", "params.txt", "report.json"}
