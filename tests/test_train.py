@@ -19,15 +19,13 @@ from combireg.params import (
     training_settings_from_map,
 )
 from combireg.train import (
-    TrainingData,
     checkpoint_path,
     curve_path,
     drn_loss,
-    images_data,
     split_cases,
-    synth_data,
     train_drn,
 )
+from combireg.training_data import TrainingData, images_data, synth_data
 from combireg.warp import identity_grid, warp_normalised
 from tests.conftest import ROOT, smooth_pattern
 
@@ -326,7 +324,8 @@ sys.path.insert(0, {root!r})
 import torch
 torch.set_num_threads(1)
 from tests.test_train import _pairs, _settings
-from combireg.train import images_data, train_drn
+from combireg.train import train_drn
+from combireg.training_data import images_data
 settings = _settings(epochs=1, validation_fraction=0.0, test_fraction=0.0, augmentation=False)
 data = images_data(_pairs(4), settings)
 seen = []
