@@ -199,7 +199,8 @@ class Deformation:
             active = active[na > tol]
         return p, norm
 
-    def _newton_step(self, p, q, res, norm):
+    def _newton_step(self, p: np.ndarray, q: np.ndarray, res: np.ndarray,
+                     norm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         step = _solve3(self._jacobian(p), res)
         t = np.ones(len(p))
         new_p = p - step

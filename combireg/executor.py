@@ -121,7 +121,7 @@ def keep_large_allocations() -> bool:
     return ok
 
 
-def call_with_thread_limit(threads: int | None, fn: Callable, *args, **kwargs):
+def call_with_thread_limit(threads: int | None, fn: Callable, *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)`` with a thread budget (None: the worker's share of its cores),
     in a process whose allocator keeps large blocks (:func:`keep_large_allocations`)."""
     keep_large_allocations()
@@ -156,7 +156,7 @@ class Executor:
     address: str
     local: bool
 
-    def submit(self, fn: Callable, *args, name: str = "task", **kwargs):
+    def submit(self, fn: Callable, *args: Any, name: str = "task", **kwargs: Any) -> Any:
         """Submit ``fn(*args, **kwargs)`` under the thread budget; returns a dask Future."""
         key = f"combireg-{name}-{uuid.uuid4().hex[:8]}"
         return self.client.submit(call_with_thread_limit, self.threads, fn, *args, key=key, pure=False, **kwargs)

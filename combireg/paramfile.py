@@ -32,7 +32,7 @@ import os
 import re
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 from .errors import CombiregError
 
@@ -159,6 +159,7 @@ class Schema:
                         for i in range(self.indexed)]
 
     def unknown_key_message(self, key: str) -> str:
+        """``unknown key 'K'`` with the nearest known key as a suggestion (or the foreign note)."""
         match = difflib.get_close_matches(key, self.known_keys(), n=1)
         hint = f" (did you mean {match[0]!r}?)" if match else ""
         note = self.foreign_note if self.foreign is not None and self.foreign.spec_for(key) else ""
@@ -462,10 +463,12 @@ class CheckedMap:
         return self.lines.get(key, 0)
 
     def where(self, key: str | None) -> str:
+        """``SOURCE:LINE`` of ``key`` (``SOURCE`` where the line is not known)."""
         line = self.lines.get(key) if key is not None else None
         return f"{self.source}:{line}" if line is not None else self.source
 
     def line_note(self, key: str) -> str:
+        """`` (line N)`` for ``key``, or nothing where the line is not known."""
         line = self.lines.get(key)
         return f" (line {line})" if line is not None else ""
 
@@ -494,6 +497,7 @@ class CheckedMap:
         return tuple(values)
 
     def given(self, key: str) -> bool:
+        """Whether the map gives ``key`` (else its default applies)."""
         return key in self.typed
 
     def values(self, key: str, *, limit: int | None = None) -> tuple:
@@ -503,7 +507,7 @@ class CheckedMap:
         spec = self.schema.spec_for(key)
         return self.check(key, spec, spec.default if limit is None else spec.default[:limit])
 
-    def single(self, key: str):
+    def single(self, key: str) -> Any:
         """The one value of a single-valued key, given or default."""
         return self.values(key)[0]
 
