@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["RadialField", "FourierField", "Rigid", "Deformation", "rotation_matrix", "apply_linear"]
+__all__ = ["RadialField", "FourierField", "Rigid", "Deformation", "rotation_matrix", "unit_vectors", "apply_linear"]
 
 _INVERSE_TOLERANCE_MM = 1e-4  # Newton stops here
 
@@ -86,12 +86,12 @@ class FourierField:
     def random(cls, rng: np.random.Generator, *, max_amplitude: float, wavelength_mm: tuple[float, float],
                n_modes: int = 6, n_components: int = 3) -> "FourierField":
         """A field whose magnitude never exceeds ``max_amplitude`` (any unit)."""
-        directions = _unit_vectors(rng, n_modes)
+        directions = unit_vectors(rng, n_modes)
         wavelengths = rng.uniform(*wavelength_mm, size=n_modes)
         wave_vectors = directions * (2.0 * np.pi / wavelengths)[:, None]
         phases = rng.uniform(0.0, 2.0 * np.pi, size=n_modes)
         if n_components == 3:
-            amps = _unit_vectors(rng, n_modes)
+            amps = unit_vectors(rng, n_modes)
         else:
             amps = rng.choice([-1.0, 1.0], size=(n_modes, n_components))
         # Random share of the budget per mode; the shares sum to 1 so |w| <= max_amplitude.
@@ -239,7 +239,8 @@ def apply_linear(x: np.ndarray, m: np.ndarray) -> np.ndarray:
     return x[:, 0:1] * m[:, 0] + x[:, 1:2] * m[:, 1] + x[:, 2:3] * m[:, 2]
 
 
-def _unit_vectors(rng: np.random.Generator, n: int) -> np.ndarray:
+def unit_vectors(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` random unit vectors (rows), uniformly distributed on the sphere."""
     v = rng.normal(size=(n, 3))
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
