@@ -53,7 +53,7 @@ def batch(manifest: str, output: str, params: str | None, init: str | None, work
     from tqdm import tqdm
 
     from combireg.batch import run_batch
-    from combireg.evaluate import read_manifest
+    from combireg.cases import read_manifest
 
     total = len(read_manifest(manifest))  # a bad manifest fails before the bar appears
     # disable=None: no bar when stderr is not a terminal (logs stay readable)

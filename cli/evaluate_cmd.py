@@ -64,7 +64,9 @@ def evaluate(manifest: str, methods: tuple, output: str, compare: tuple, landmar
 
     from combireg.device import resolve_device
     from combireg.errors import CombiregError
-    from combireg.evaluate import parse_method, read_manifest, run_evaluation
+    from combireg.cases import read_manifest
+    from combireg.evaluate import run_evaluation
+    from combireg.methods import parse_method
 
     if scheduler is not None and workers != 1:
         raise CombiregError("--workers starts a local cluster; with --scheduler the cluster's own workers run the "

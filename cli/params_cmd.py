@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from combireg.params import Settings, default_parameter_text, read_parameter_file, settings_from_map
+from combireg.paramfile import read_parameter_file
+from combireg.params import Settings, default_parameter_text, settings_from_map
 
 
 def summary_line(source: str, n_keys: int, settings: Settings) -> str:

@@ -44,7 +44,8 @@ def train(manifest: Path | None, synth_pairs: int | None, synth_spacing: float, 
     from tqdm import tqdm
 
     from combireg.params import load_training_settings
-    from combireg.train import SYNTH_SEED, check_outputs, manifest_data, synth_data, train_drn
+    from combireg.train import check_outputs, train_drn
+    from combireg.training_data import SYNTH_SEED, manifest_data, synth_data
 
     if (manifest is None) == (synth_pairs is None):
         raise CombiregError("give exactly one of --manifest FILE and --synth N")

@@ -7,11 +7,10 @@ One call from Python::
                                params="params/default.txt")
     result.save("out/")
 """
-__version__ = "0.1.0"
-
-from .errors import CombiregError  # noqa: E402
-from .geometry import Geometry  # noqa: E402
-from .image import Image  # noqa: E402
+from .errors import CombiregError
+from .geometry import Geometry
+from .image import Image
+from .version import __version__
 
 
 def __getattr__(name):

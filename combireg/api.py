@@ -1,13 +1,11 @@
 """``combireg.register``: the one-call Python API, and its :class:`Result`."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
 import resource
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence, Union
@@ -15,14 +13,15 @@ from typing import Callable, Sequence, Union
 import numpy as np
 import torch
 
-from . import __version__
 from .errors import CombiregError
 from .geometry import Geometry
 from .image import Image
-from .outputs import atomic_output_dir, prepare_output_dir
+from .outputs import CORRESPONDENCE_WEIGHT_NAME, write_outputs
 from .optimize import FieldPair, normalise_intensities, optimise_fields
-from .params import ParamMap, Settings, format_parameter_map, load_settings, settings_from_map
+from .paramfile import ParamMap
+from .params import Settings, format_parameter_map, load_settings, settings_from_map
 from .pyramid import pyramid_levels
+from .version import __version__
 from .warp import (
     affine_displacement,
     compose_affine,
@@ -37,25 +36,11 @@ from .warp import (
     warp_image,
 )
 
-__all__ = ["register", "Result", "write_outputs", "as_image", "as_image_pair", "estimate_memory_bytes", "available_memory_bytes",
-           "prepare_output_dir"]
+__all__ = ["register", "Result", "as_image", "as_image_pair", "estimate_memory_bytes", "available_memory_bytes"]
 
 log = logging.getLogger(__name__)
 
 ImageLike = Union[Image, str, os.PathLike, Sequence[Union[str, os.PathLike]]]
-
-#: Output file names are a contract read by other tools and by ``combireg evaluate``.
-FIELD_NAME = "field.nii.gz"
-INVERSE_FIELD_NAME = "field_inverse.nii.gz"
-PARAMS_NAME = "params.txt"
-REPORT_NAME = "report.json"
-#: Written only with ``(CorrespondenceWeighting "true")``: the final similarity weight on the target grid.
-CORRESPONDENCE_WEIGHT_NAME = "correspondence_weight.nii.gz"
-
-
-def warped_name(k: int) -> str:
-    return f"warped_{k}.nii.gz"
-
 
 @dataclass
 class Result:
@@ -94,47 +79,9 @@ class Result:
         return write_outputs(outdir, self, params_text, overwrite=overwrite)
 
 
-def write_outputs(outdir: str | os.PathLike, result, params_text: str, *, overwrite: bool = False) -> Path:
-    """Write the output files of a registration method (the contract of ``combireg run``).
-
-    ``result`` has ``displacement_lps_mm``, ``target_geometry``, ``inverse_displacement_lps_mm``,
-    ``source_geometry``, ``warped`` and ``report`` (a :class:`Result` or a baseline's result), so
-    every method writes the same files the same way; a ``correspondence_weight`` Image, where
-    the result has one that is not None, is written as ``correspondence_weight.nii.gz``. Written
-    whole or not at all.
-    """
-    from . import io
-
-    with atomic_output_dir(outdir, overwrite=overwrite) as tmp:
-        jobs = [(io.write_displacement, tmp / FIELD_NAME, result.displacement_lps_mm, result.target_geometry),
-                (io.write_displacement, tmp / INVERSE_FIELD_NAME, result.inverse_displacement_lps_mm,
-                 result.source_geometry)]
-        jobs += [(io.write_image, tmp / warped_name(k), result.warped.channel(k), None)
-                 for k in range(result.warped.num_channels)]
-        weight = getattr(result, "correspondence_weight", None)
-        if weight is not None:
-            jobs.append((io.write_image, tmp / CORRESPONDENCE_WEIGHT_NAME, weight, None))
-        # Why threads: gzip dominates writing a 1 mm field and zlib releases the GIL, so the
-        # files compress in parallel.
-        with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
-            for future in [pool.submit(fn, path, data, geometry) for fn, path, data, geometry in jobs]:
-                future.result()
-        (tmp / PARAMS_NAME).write_text(params_text)
-        (tmp / REPORT_NAME).write_text(json.dumps(result.report, indent=2, default=_json_default) + "\n")
-    return Path(outdir).absolute()
-
-
 def _params_header(settings: Settings) -> str:
     return (f"// combireg {__version__}: fully resolved parameters of this run (source: {settings.source}).\n"
             f"// `combireg run SRC TGT -p params.txt` reproduces it.\n")
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value)}")
 
 
 # ---------------------------------------------------------------------------------- memory

@@ -1,11 +1,10 @@
 """Register every case of a manifest on a dask.distributed cluster (``combireg batch``).
 
-:func:`run_batch` registers each case of a manifest (the format of :mod:`combireg.evaluate`)
+:func:`run_batch` registers each case of a manifest (the format of :mod:`combireg.cases`)
 into ``DIR/<case id>/`` with exactly the outputs of ``combireg run`` (written by
-:func:`combireg.api.write_outputs`, atomically), the landmark TRE in ``report.json`` included.
-:func:`dask_executor` is the reusable part: a context manager yielding an :class:`Executor`
-(a ``distributed.Client`` plus a per-task thread budget) on a local cluster or an existing
-scheduler; ``combireg evaluate --workers/--scheduler`` runs its cells on it too.
+:func:`combireg.outputs.write_outputs`, atomically), the landmark TRE in ``report.json`` included,
+on the executor of :mod:`combireg.executor` (``combireg evaluate --workers/--scheduler`` runs
+its cells there too).
 
 Finished cases
     A case is finished when ``DIR/<case id>/`` holds every contract file, each non-empty:
@@ -19,15 +18,12 @@ Finished cases
     ``params.txt`` holds other parameters than this run's (``NumberOfThreads`` aside).
 
 Execution
-    Every case is one task; a worker runs one case at a time with ``T`` torch and ITK
-    threads (``torch.set_num_threads``, ITK's global default, and ``OMP_NUM_THREADS``/
-    ``MKL_NUM_THREADS``/``OPENBLAS_NUM_THREADS``/``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``
-    in the environment of local worker processes), so ``W`` workers use ``W x T`` cores.
-    The default local cluster has separate worker processes on the loopback interface
-    (127.0.0.1, no dashboard) and as many workers as both the cores (``cores // T``) and the
-    memory (available memory // the estimated peak of one case,
-    :func:`combireg.api.estimate_memory_bytes`) allow. A failing case is recorded and the
-    others go on. ``DIR/batch_summary.json`` is rewritten (atomically) as each case ends.
+    Every case is one task of :func:`combireg.executor.dask_executor`; a worker runs one case
+    at a time with ``T`` torch and ITK threads, so ``W`` workers use ``W x T`` cores. The
+    default local cluster has as many workers as both the cores and the memory (available
+    memory // the estimated peak of one case, :func:`combireg.api.estimate_memory_bytes`)
+    allow. A failing case is recorded and the others go on. ``DIR/batch_summary.json`` is
+    rewritten (atomically) as each case ends.
 """
 from __future__ import annotations
 
@@ -35,26 +31,20 @@ import contextlib
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Callable, Sequence
 
 from .errors import CombiregError, first_line
-from .evaluate import Case, load_case, read_manifest
+from .executor import CONNECT_TIMEOUT_S, dask_executor, set_itk_threads
+from .cases import Case, load_case, read_manifest
 from .outputs import prepare_resumable_dir
 
 __all__ = [
     "SUMMARY_NAME",
-    "CONNECT_TIMEOUT_S",
-    "Executor",
     "BatchSummary",
-    "dask_executor",
-    "plan_workers",
-    "thread_limit",
     "case_complete",
     "register_case",
     "run_batch",
@@ -63,333 +53,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SUMMARY_NAME = "batch_summary.json"
-#: Seconds to wait for an existing scheduler before giving up.
-CONNECT_TIMEOUT_S = 5.0
-#: Environment variables that cap the thread pools of OpenMP, MKL, OpenBLAS and ITK.
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
-
-
-# ====================================================================================== threads
-def _set_itk_threads(count: int) -> int | None:
-    """Set ITK's global default thread count where ITK is already loaded; the previous value.
-
-    Why only then: loading ITKCommon just for this costs ~2 s; a worker process that has not
-    read an image yet gets its limit from ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS instead.
-    """
-    if "itk.ITKCommonPython" not in sys.modules:
-        return None
-    try:
-        import itk
-
-        threader = itk.MultiThreaderBase
-        previous = int(threader.GetGlobalDefaultNumberOfThreads())
-        threader.SetGlobalDefaultNumberOfThreads(int(count))
-        return previous
-    except Exception:  # an ITK build without this API: the environment variable still applies
-        return None
-
-
-@contextlib.contextmanager
-def thread_limit(count: int) -> Iterator[int]:
-    """Run a block with ``count`` torch intra-op threads and ITK threads (restored after)."""
-    from .optimize import torch_threads
-
-    count = max(1, int(count))
-    with torch_threads(count):
-        previous_itk = _set_itk_threads(count)
-        try:
-            yield count
-        finally:
-            if previous_itk is not None:
-                _set_itk_threads(previous_itk)
-
-
-def _worker_thread_share() -> int | None:
-    """Threads per task on the current dask worker: its cores divided by its task slots."""
-    try:
-        from distributed import get_worker
-
-        worker = get_worker()
-    except (ImportError, ValueError):
-        return None
-    slots = max(1, int(getattr(worker.state, "nthreads", 1) or 1))
-    return max(1, (os.cpu_count() or 1) // slots)
-
-
-#: glibc mallopt parameters (malloc.h): M_TRIM_THRESHOLD and M_MMAP_THRESHOLD.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MALLOC_TUNED = False
-
-
-def keep_large_allocations() -> bool:
-    """Let glibc keep freed large blocks in this process (once per process; glibc only).
-
-    Why: dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``. Setting any malloc
-    threshold switches off glibc's dynamic mmap threshold, so every tensor above 128 kB is
-    mmap'ed and unmapped again at each iteration and its pages faulted in anew. Measured on a
-    1 mm pair: registration 2.2x slower in a dask worker (levels 2.0/7.7/16.5 s against
-    0.7/2.6/8.4 s in-process), and the same in any process started with that variable; with
-    the two thresholds below it is back to 0.7/2.5/7.0 s. Returns whether they were set.
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED:
-        return True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to undo
-        return False
-    _MALLOC_TUNED = ok
-    return ok
-
-
-def call_with_thread_limit(threads: int | None, fn: Callable, *args, **kwargs):
-    """``fn(*args, **kwargs)`` with a thread budget (None: the worker's share of its cores),
-    in a process whose allocator keeps large blocks (:func:`keep_large_allocations`)."""
-    keep_large_allocations()
-    count = threads or _worker_thread_share()
-    if count is None:
-        return fn(*args, **kwargs)
-    with thread_limit(count):
-        return fn(*args, **kwargs)
-
-
-# ====================================================================================== executor
-@dataclass
-class Executor:
-    """A dask client and the thread budget of each task submitted through it.
-
-    Attributes
-    ----------
-    client : distributed.Client
-    workers : int
-        Workers when the executor started.
-    threads : int or None
-        torch/ITK threads of each task (None: each worker's cores divided by its task slots).
-    address : str
-        The scheduler's address.
-    local : bool
-        Whether the cluster was started here (and is stopped on exit).
-    """
-
-    client: Any
-    workers: int
-    threads: int | None
-    address: str
-    local: bool
-
-    def submit(self, fn: Callable, *args, name: str = "task", **kwargs):
-        """Submit ``fn(*args, **kwargs)`` under the thread budget; returns a dask Future."""
-        key = f"combireg-{name}-{uuid.uuid4().hex[:8]}"
-        return self.client.submit(call_with_thread_limit, self.threads, fn, *args, key=key, pure=False, **kwargs)
-
-    def as_completed(self, futures: Iterable) -> Iterator:
-        """The futures in the order they finish."""
-        from distributed import as_completed
-
-        return iter(as_completed(list(futures), loop=self.client.loop))  # this client's, not a default one
-
-
-def plan_workers(cores: int, *, workers: int | None = None, threads: int | None = None,
-                 available_bytes: int | None = None, per_task_bytes: int | None = None,
-                 tasks: int | None = None) -> tuple[int, int]:
-    """``(workers, threads per worker)`` for a local cluster.
-
-    Given neither: as many single-thread workers as the cores and the memory
-    (``available_bytes // per_task_bytes``) allow, then the cores spread over them. Given the
-    threads: ``min(cores // threads, memory)`` workers. Given the workers: ``cores // workers``
-    threads each. Never more workers than ``tasks``; at least one of each.
-    """
-    cores = max(1, int(cores))
-    by_memory = None
-    if available_bytes is not None and per_task_bytes:
-        by_memory = max(1, int(available_bytes) // int(per_task_bytes))
-    if workers is None:
-        workers = max(1, cores // (threads or 1))
-        if by_memory is not None:
-            workers = min(workers, by_memory)
-    if tasks is not None:
-        workers = max(1, min(int(workers), int(tasks)))  # an idle worker only costs its start-up
-    if threads is None:
-        threads = max(1, cores // workers)
-    return int(workers), int(threads)
-
-
-def _probe_scheduler(address: str, timeout: float) -> None:
-    """Fail fast (CombiregError) unless a dask endpoint answers at ``address``.
-
-    Why a probe before ``Client``: a Client that fails to connect leaves an object whose
-    finaliser waits ``2 x timeout`` more and prints a traceback at exit.
-    """
-    import asyncio
-    import socket
-    from concurrent.futures import ThreadPoolExecutor
-
-    from distributed.comm import connect, parse_address
-    from distributed.comm.addressing import parse_host_port
-
-    where = f"cannot reach the dask scheduler at {address}"
-    from distributed.comm.registry import get_backend
-
-    try:
-        scheme, location = parse_address(address)
-        get_backend(scheme)  # a scheme dask knows
-    except (ValueError, TypeError) as exc:
-        raise CombiregError(f"--scheduler {address!r}: {first_line(exc)} (expected e.g. tcp://HOST:8786)") from None
-    if scheme in ("tcp", "tls"):
-        try:
-            host, port = parse_host_port(location)
-            with socket.create_connection((host, int(port)), timeout=timeout):
-                pass
-        except (OSError, ValueError) as exc:
-            raise CombiregError(f"{where} ({first_line(exc)})") from None
-
-    async def handshake() -> None:
-        comm = await connect(address, timeout=timeout)
-        await comm.close()
-
-    def run() -> None:  # in a thread of its own: the caller may already run an event loop
-        asyncio.run(asyncio.wait_for(handshake(), timeout + 1.0))
-
-    try:
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pool.submit(run).result()
-    except (OSError, ValueError, asyncio.TimeoutError, TimeoutError) as exc:
-        raise CombiregError(f"{where} within {timeout:g} s ({first_line(exc)})") from None
-
-
-@contextlib.contextmanager
-def _quiet_dask_logs() -> Iterator[None]:
-    """dask's own INFO lines (cluster start, every connection) only when combireg logs DEBUG."""
-    logger = logging.getLogger("distributed")
-    previous = logger.level
-    if not logging.getLogger("combireg").isEnabledFor(logging.DEBUG):
-        logger.setLevel(max(logging.WARNING, logger.getEffectiveLevel()))
-    try:
-        yield
-    finally:
-        logger.setLevel(previous)
-
-
-@contextlib.contextmanager
-def dask_executor(workers: int | None = None, threads_per_worker: int | None = None, scheduler: str | None = None,
-                  *, per_task_bytes: int | None = None, tasks: int | None = None,
-                  connect_timeout: float = CONNECT_TIMEOUT_S) -> Iterator[Executor]:
-    """A dask.distributed executor for combireg tasks, closed on exit.
-
-    Parameters
-    ----------
-    workers : int, optional
-        Worker processes of a local cluster (default: :func:`plan_workers` from the cores,
-        the available memory and ``per_task_bytes``).
-    threads_per_worker : int, optional
-        torch/ITK threads of each task; a worker runs one task at a time.
-    scheduler : str, optional
-        Address of an existing scheduler (``tcp://HOST:PORT``) to connect to instead of
-        starting a local cluster. Its workers run as many tasks at once as they have threads;
-        each task then uses ``threads_per_worker`` threads (default: the worker's cores
-        divided by its threads).
-    per_task_bytes : int, optional
-        Estimated peak memory of one task, for the default number of workers.
-    tasks : int, optional
-        Number of tasks to come (no more local workers than that).
-    connect_timeout : float
-        Seconds to wait for ``scheduler``.
-
-    Yields
-    ------
-    Executor
-
-    Raises
-    ------
-    CombiregError
-        ``scheduler`` together with ``workers``, or an unreachable or malformed ``scheduler``
-        address (raised within about ``connect_timeout`` seconds; nothing is started).
-    """
-    if workers is not None and int(workers) < 1:
-        raise CombiregError(f"--workers must be >= 1, got {workers}")
-    if threads_per_worker is not None and int(threads_per_worker) < 1:
-        raise CombiregError(f"--threads-per-worker must be >= 1, got {threads_per_worker}")
-    if scheduler is not None and workers is not None:
-        raise CombiregError("--workers starts a local cluster; with --scheduler the cluster's own workers run "
-                            "the tasks (give one or the other)")
-    with _quiet_dask_logs():
-        if scheduler is not None:
-            started = _remote_executor(scheduler, threads_per_worker, connect_timeout)
-        else:
-            started = _local_executor(workers, threads_per_worker, per_task_bytes, tasks)
-        with started as executor:
-            yield executor
-
-
-@contextlib.contextmanager
-def _remote_executor(scheduler: str, threads: int | None, connect_timeout: float) -> Iterator[Executor]:
-    from distributed import Client
-
-    _probe_scheduler(scheduler, connect_timeout)
-    try:
-        client = Client(scheduler, timeout=connect_timeout, set_as_default=False)
-    except (OSError, ValueError, TimeoutError) as exc:  # the probe passed, the client still failed
-        raise CombiregError(f"cannot connect to the dask scheduler at {scheduler} ({first_line(exc)})") from None
-    try:
-        count = len(client.scheduler_info().get("workers", {}))
-        if count == 0:
-            log.warning("the dask scheduler at %s has no workers yet: tasks wait for some", scheduler)
-        yield Executor(client, count, threads, scheduler, local=False)
-    finally:
-        client.close()
-
-
-@contextlib.contextmanager
-def _local_executor(workers: int | None, threads: int | None, per_task_bytes: int | None,
-                    tasks: int | None) -> Iterator[Executor]:
-    import dask
-    from distributed import Client, LocalCluster
-
-    available = None
-    if per_task_bytes:
-        from .api import available_memory_bytes
-
-        available = available_memory_bytes()
-    workers, threads = plan_workers(os.cpu_count() or 1, workers=workers, threads=threads,
-                                    available_bytes=available, per_task_bytes=per_task_bytes, tasks=tasks)
-    env = {name: str(threads) for name in THREAD_ENV}
-    pre_spawn = {**(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}), **env}
-    pre_spawn.pop("MALLOC_TRIM_THRESHOLD_", None)  # see keep_large_allocations
-    # Why these settings: one task slot per worker (a case uses the worker's T cores through
-    # torch/ITK, not dask threads); no memory limit (our own estimate sized the cluster, and
-    # dask's would kill a worker in the middle of a case); one retry for a task whose worker
-    # died, then it fails alone; the thread variables set before each worker process starts.
-    # The nanny also writes pre-spawn variables into this process's environment: restored.
-    config = {"distributed.nanny.pre-spawn-environ": pre_spawn, "distributed.scheduler.allowed-failures": 1}
-    saved = {k: os.environ.get(k) for k in pre_spawn}
-    try:
-        with dask.config.set(config):
-            # No dashboard; the scheduler's small HTTP server (health, metrics) on a free loopback
-            # port rather than 8787, which another cluster may hold.
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                   dashboard_address=None, memory_limit=0, silence_logs=logging.ERROR,
-                                   scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"})
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    log.info("local dask cluster: %d worker(s) x %d thread(s) at %s", workers, threads, cluster.scheduler_address)
-    try:
-        with Client(cluster, set_as_default=False) as client:
-            yield Executor(client, workers, threads, cluster.scheduler_address, local=True)
-    finally:
-        cluster.close()
 
 
 # ====================================================================================== one case
 def case_complete(case_dir: str | os.PathLike, channels: int) -> bool:
     """Whether ``case_dir`` holds a finished registration of ``channels`` channels (module docstring)."""
-    from .api import FIELD_NAME, INVERSE_FIELD_NAME, PARAMS_NAME, REPORT_NAME, warped_name
+    from .outputs import FIELD_NAME, INVERSE_FIELD_NAME, PARAMS_NAME, REPORT_NAME, warped_name
 
     case_dir = Path(case_dir)
     names = [FIELD_NAME, INVERSE_FIELD_NAME, PARAMS_NAME, *(warped_name(k) for k in range(channels)), REPORT_NAME]
@@ -410,8 +79,8 @@ def case_complete(case_dir: str | os.PathLike, channels: int) -> bool:
 
 def _parameter_difference(case_dir: Path, settings) -> str | None:
     """Keys whose values in ``case_dir/params.txt`` differ from ``settings`` (None: the same)."""
-    from .api import PARAMS_NAME
-    from .params import parse_text
+    from .outputs import PARAMS_NAME
+    from .paramfile import parse_text
 
     path = case_dir / PARAMS_NAME
     try:
@@ -485,7 +154,7 @@ def _register_case(case: Case, case_dir: Path, settings, init: str | None, devic
 
     init = _init_for(init, case.id)
     source, target, target_lm, source_lm = load_case(case, landmark_space)
-    _set_itk_threads(torch.get_num_threads())  # ITK is loaded now: cheap
+    set_itk_threads(torch.get_num_threads())  # ITK is loaded now: cheap
     settings = settings.replace(num_threads=torch.get_num_threads())
     result = register(source, target, settings, init=init, device=str(resolve_device(device)))
     tre = compute_tre(result.displacement_lps_mm, result.target_geometry, target_lm, source_lm)
@@ -584,7 +253,7 @@ def run_batch(manifest: str | os.PathLike, outdir: str | os.PathLike, *, params=
     Parameters
     ----------
     manifest : path
-        CSV ``id,source,target,target_landmarks,source_landmarks`` (see :mod:`combireg.evaluate`).
+        CSV ``id,source,target,target_landmarks,source_landmarks`` (see :mod:`combireg.cases`).
     outdir : path
         Created if needed; a folder holding a batch_summary.json is resumed.
     params : path, Settings or None
@@ -617,7 +286,7 @@ def run_batch(manifest: str | os.PathLike, outdir: str | os.PathLike, *, params=
         parameters, or an unreachable scheduler: all before anything is started or written.
         A failing case is recorded and the others go on.
     """
-    from . import __version__
+    from .version import __version__
     from .device import resolve_device
     from .landmarks import parse_space
     from .params import Settings, load_settings

@@ -49,8 +49,8 @@ _CASE_ID = "pair"
 
 @dataclass
 class Comparison:
-    """What :func:`compare_pair` produced: one results row per method (see ``evaluate``'s
-    ``RESULT_COLUMNS``), the Markdown table and where everything was written."""
+    """What :func:`compare_pair` produced: one results row per method (see
+    :data:`combireg.summary.RESULT_COLUMNS`), the Markdown table and where everything was written."""
 
     outdir: Path
     rows: list
@@ -60,7 +60,7 @@ class Comparison:
 
 def _method_specs(methods: Sequence[str], params: str | os.PathLike | None,
                   baseline_params: dict):
-    from .evaluate import MethodSpec, parse_method
+    from .methods import MethodSpec, parse_method
     from .params import load_settings
 
     specs = []
@@ -124,9 +124,11 @@ def compare_pair(source: str | Sequence[str], target: str | Sequence[str], targe
     CombiregError
         Bad input (files, landmarks, methods, output folder), before any registration runs.
     """
-    from .evaluate import Case, _failed_row, run_cell
+    from .cases import Case
+    from .evaluate import run_cell
     from .landmarks import compute_tre, parse_space, read_landmarks
     from .outputs import atomic_output_dir, prepare_output_dir
+    from .summary import failed_row
     from . import io
 
     landmark_space = parse_space(landmark_space)
@@ -163,7 +165,7 @@ def compare_pair(source: str | Sequence[str], target: str | Sequence[str], targe
                                cell_dir=tmp / spec.name)
             except CombiregError as exc:
                 log.warning("%s failed: %s", spec.name, exc)
-                row = _failed_row(case, spec, str(exc), time.perf_counter() - start)
+                row = failed_row(case, spec, str(exc), time.perf_counter() - start)
                 failed.append((spec.name, row["error"]))
             rows.append(row)
             if progress:
@@ -200,7 +202,7 @@ def table_markdown(rows: Sequence[dict], initial: dict) -> str:
 
 
 def _document(table: str, case, params, initial: dict) -> str:
-    from . import __version__
+    from .version import __version__
 
     return (f"# combireg compare\n\ncombireg {__version__}. Source: {', '.join(map(str, case.source))}; target: "
             f"{', '.join(map(str, case.target))}; landmarks: {case.target_landmarks} (target), "
@@ -213,7 +215,7 @@ def _document(table: str, case, params, initial: dict) -> str:
 
 
 def _json_payload(rows, case, params, initial) -> dict:
-    from . import __version__
+    from .version import __version__
 
     return {
         "combireg_version": __version__,
@@ -266,7 +268,7 @@ def write_qc_picture(path: Path, source, target, outdir: Path, rows: Sequence[di
     import matplotlib.pyplot as plt
 
     from . import io
-    from .api import warped_name
+    from .outputs import warped_name
     from .warp import resample_image
 
     target0 = target.numpy()[0]

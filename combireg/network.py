@@ -37,12 +37,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import __version__
 from .errors import CombiregError, first_line
 from .filters import smooth_and_resize
 from .geometry import Geometry
 from .image import Image
 from .optimize import normalise_intensities
+from .version import __version__
 from .warp import normalised_to_lps_mm, resample_field, resample_image, same_field_of_view
 
 __all__ = [

@@ -1,4 +1,10 @@
-"""Output directories that appear whole or not at all.
+"""The output contract of a registration, and output directories that appear whole or not at all.
+
+:func:`write_outputs` writes the files of ``combireg run`` (:data:`FIELD_NAME`,
+:data:`INVERSE_FIELD_NAME`, :func:`warped_name` per channel, :data:`PARAMS_NAME`,
+:data:`REPORT_NAME`, and :data:`CORRESPONDENCE_WEIGHT_NAME` where there is one) for every method:
+:class:`combireg.api.Result` and the baselines of :mod:`combireg.adapters` alike, so that
+``tre``, ``evaluate``, ``compare`` and ``batch`` read every method's folder the same way.
 
 Every command that writes a folder (``run``, ``synth``, the baselines) checks it up front with
 :func:`prepare_output_dir` and writes through :func:`atomic_output_dir`: files go into a
@@ -9,15 +15,33 @@ created), so a failed run leaves nothing half-written.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+import numpy as np
 
 from .errors import CombiregError
 
-__all__ = ["prepare_output_dir", "prepare_resumable_dir", "atomic_output_dir"]
+__all__ = ["FIELD_NAME", "INVERSE_FIELD_NAME", "PARAMS_NAME", "REPORT_NAME", "CORRESPONDENCE_WEIGHT_NAME", "warped_name",
+           "write_outputs", "prepare_output_dir", "prepare_resumable_dir", "atomic_output_dir"]
+
+#: Output file names are a contract read by other tools and by ``combireg evaluate``.
+FIELD_NAME = "field.nii.gz"
+INVERSE_FIELD_NAME = "field_inverse.nii.gz"
+PARAMS_NAME = "params.txt"
+REPORT_NAME = "report.json"
+#: Written only with ``(CorrespondenceWeighting "true")``: the final similarity weight on the target grid.
+CORRESPONDENCE_WEIGHT_NAME = "correspondence_weight.nii.gz"
+
+
+def warped_name(k: int) -> str:
+    """The file name of source channel ``k`` (0-based) warped into target space."""
+    return f"warped_{k}.nii.gz"
 
 
 def prepare_output_dir(outdir: str | os.PathLike, *, overwrite: bool) -> Path:
@@ -94,3 +118,42 @@ def _replace_dir(tmp: Path, outdir: Path) -> None:
     os.replace(tmp, outdir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------- the output contract
+def write_outputs(outdir: str | os.PathLike, result: Any, params_text: str, *, overwrite: bool = False) -> Path:
+    """Write the output files of a registration method (the contract of ``combireg run``).
+
+    ``result`` has ``displacement_lps_mm``, ``target_geometry``, ``inverse_displacement_lps_mm``,
+    ``source_geometry``, ``warped`` and ``report`` (a :class:`combireg.api.Result` or a baseline's result), so
+    every method writes the same files the same way; a ``correspondence_weight`` Image, where
+    the result has one that is not None, is written as ``correspondence_weight.nii.gz``. Written
+    whole or not at all.
+    """
+    from . import io
+
+    with atomic_output_dir(outdir, overwrite=overwrite) as tmp:
+        jobs = [(io.write_displacement, tmp / FIELD_NAME, result.displacement_lps_mm, result.target_geometry),
+                (io.write_displacement, tmp / INVERSE_FIELD_NAME, result.inverse_displacement_lps_mm,
+                 result.source_geometry)]
+        jobs += [(io.write_image, tmp / warped_name(k), result.warped.channel(k), None)
+                 for k in range(result.warped.num_channels)]
+        weight = getattr(result, "correspondence_weight", None)
+        if weight is not None:
+            jobs.append((io.write_image, tmp / CORRESPONDENCE_WEIGHT_NAME, weight, None))
+        # Why threads: gzip dominates writing a 1 mm field and zlib releases the GIL, so the
+        # files compress in parallel.
+        with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+            for future in [pool.submit(fn, path, data, geometry) for fn, path, data, geometry in jobs]:
+                future.result()
+        (tmp / PARAMS_NAME).write_text(params_text)
+        (tmp / REPORT_NAME).write_text(json.dumps(result.report, indent=2, default=_json_default) + "\n")
+    return Path(outdir).absolute()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value)}")

@@ -1,20 +1,12 @@
-"""Elastix-style parameter files: parsing, writing, validation and defaults.
+"""The parameter schemas: which keys a registration file and a DRN training file take, and the
+settings they resolve into.
 
-A parameter file holds one ``(Key value ...)`` entry per line, with ``//`` comments, quoted
-strings and bare numbers, e.g.::
-
-    // similarity: half MSE, half NCC
-    (Metric "MSE" "NCC")
-    (Metric0Weight 0.5)
-    (MaximumNumberOfIterations 150 60)   // one value per resolution
-
-The raw form is a :data:`ParamMap` (``dict[str, tuple[str, ...]]``, every value a string with
-quotes stripped), as in itk-elastix. :func:`settings_from_map` validates it against
-:data:`SCHEMA` and returns typed, fully resolved :class:`Settings`.
-
-combireg is stricter than elastix: unknown keys, duplicate keys, malformed lines and values of
-the wrong type, count or range are all errors (:class:`~combireg.errors.CombiregError`) whose
-message starts with ``FILE:LINE:`` where the line is known.
+Both schemas are tables of :class:`~combireg.paramfile.KeySpec` (:data:`SCHEMA` and
+:data:`TRAINING_SCHEMA`, each with its count rules in a :class:`~combireg.paramfile.Schema`:
+:data:`REGISTRATION`, :data:`TRAINING`); the syntax (``(Key value ...)`` lines) and the one
+key-by-key validation of any schema are :mod:`combireg.paramfile`'s. What each schema adds here
+is its cross-key rules and its settings: :func:`settings_from_map` returns typed, fully resolved
+:class:`Settings`, :func:`training_settings_from_map` :class:`TrainingSettings`.
 
 Keys marked *per resolution* follow elastix's fallback rule: the key holds one to
 ``NumberOfResolutions`` values, and a level without its own value takes the *first* value
@@ -23,26 +15,29 @@ Keys marked *per resolution* follow elastix's fallback rule: the key holds one t
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Mapping, Sequence
+from typing import Mapping, Sequence
 
-from .errors import CombiregError
+from .paramfile import (
+    CheckedMap,
+    KeySpec,
+    ParamMap,
+    Schema,
+    check_map,
+    format_parameter_text,
+    read_parameter_file,
+)
 
 __all__ = [
-    "ParamMap",
-    "ParsedParamMap",
-    "KeySpec",
     "SCHEMA",
+    "REGISTRATION",
     "METRICS",
     "OPTIMIZERS",
     "MAX_METRICS",
     "Settings",
-    "parse_text",
-    "read_parameter_file",
     "format_parameter_map",
     "settings_from_map",
     "load_settings",
@@ -50,8 +45,6 @@ __all__ = [
     "default_parameter_map",
     "default_parameter_text",
 ]
-
-ParamMap = dict[str, tuple[str, ...]]
 
 #: Similarity metrics the ``Metric`` key accepts. Adding one here is all the schema needs.
 METRICS: tuple[str, ...] = ("MSE", "NCC", "GlobalNCC", "MI")
@@ -82,53 +75,6 @@ MAX_METRICS = 4
 #: How far the metric weights may sum away from 1 (they are usually written as decimals).
 WEIGHT_SUM_TOLERANCE = 1e-6
 
-Kind = Literal["int", "float", "str", "bool"]
-# Count rules: "1" and "2" exactly that many values; "metrics" 1..MAX_METRICS; "per-level"
-# 1..NumberOfResolutions with the first-value fallback; "xyz-per-level" exactly 3 per level.
-Count = Literal["1", "2", "metrics", "per-level", "xyz-per-level"]
-
-
-@dataclass(frozen=True)
-class KeySpec:
-    """One parameter-file key: its type, how many values it takes, its range and default.
-
-    Attributes
-    ----------
-    name : str
-        The key as written in a file; ``Metric<n>Weight`` stands for the metric weight keys.
-    kind : {"int", "float", "str", "bool"}
-        Type of every value; string and bool values are written quoted.
-    count : str
-        Count rule, see :data:`Count`.
-    default : tuple of str or None
-        Raw default values; None where the default depends on other keys.
-    description : str
-        One line, printed as a ``//`` comment by ``combireg params defaults``.
-    choices : tuple of str
-        Allowed values for ``str`` keys (empty: any).
-    minimum, maximum : float or None
-        Inclusive bounds for numbers, unless ``minimum_exclusive``.
-    odd : bool
-        Integers must be odd.
-    """
-
-    name: str
-    kind: Kind
-    count: Count
-    default: tuple[str, ...] | None
-    description: str
-    choices: tuple[str, ...] = ()
-    minimum: float | None = None
-    minimum_exclusive: bool = False
-    maximum: float | None = None
-    odd: bool = False
-
-    @property
-    def per_level(self) -> bool:
-        """Whether the key holds values per resolution level."""
-        return self.count in ("per-level", "xyz-per-level")
-
-
 WEIGHT_KEY = "Metric<n>Weight"
 
 SCHEMA: tuple[KeySpec, ...] = (
@@ -136,7 +82,7 @@ SCHEMA: tuple[KeySpec, ...] = (
         "Metric", "str", "metrics", ("MSE", "NCC"),
         f"Similarity metrics optimised simultaneously: 1 to {MAX_METRICS} of "
         f"{', '.join(METRICS)}, no duplicates.",
-        choices=METRICS,
+        choices=METRICS, distinct=True,
     ),
     KeySpec(
         WEIGHT_KEY, "float", "1", None,
@@ -284,7 +230,7 @@ SCHEMA: tuple[KeySpec, ...] = (
         "NormalizationPercentiles", "float", "2", ("0.5", "99.5"),
         "Per-channel robust intensity normalisation: percentiles lo < hi (0..100) mapped to 0 "
         "and 1.",
-        minimum=0.0, maximum=100.0,
+        minimum=0.0, maximum=100.0, increasing=True,
     ),
     KeySpec(
         "NumberOfThreads", "int", "1", ("0",),
@@ -294,239 +240,40 @@ SCHEMA: tuple[KeySpec, ...] = (
 )
 
 _SPECS: dict[str, KeySpec] = {spec.name: spec for spec in SCHEMA}
+
+#: Count rules of the registration keys: (fewest, most or None, wording). "metrics" is one value
+#: per metric; per-level keys hold 1 to NumberOfResolutions values (checked across keys).
+_COUNTS = {
+    "1": (1, 1, "exactly 1 value"),
+    "2": (2, 2, "exactly 2 values"),
+    "metrics": (1, MAX_METRICS, f"1 to {MAX_METRICS} values"),
+    "per-level": (1, None, "at least 1 value"),
+    "xyz-per-level": (1, None, "at least 1 value"),
+}
+#: The registration schema: what :func:`settings_from_map` validates a map against.
+REGISTRATION = Schema(SCHEMA, _COUNTS, indexed=MAX_METRICS)
+
 # Only canonical indices: "Metric01Weight" is not Metric1Weight.
 _WEIGHT_RE = re.compile(r"Metric(0|[1-9][0-9]*)Weight\Z")
-_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_INT_RE = re.compile(r"[+-]?[0-9]+\Z")
-_FLOAT_RE = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
 
 
 def _weight_key(index: int) -> str:
     return f"Metric{index}Weight"
 
 
-def _known_keys() -> list[str]:
-    """Every concrete key name, for unknown-key suggestions."""
-    names = [spec.name for spec in SCHEMA if spec.name != WEIGHT_KEY]
-    return names + [_weight_key(i) for i in range(MAX_METRICS)]
-
-
-def _spec_for(key: str) -> KeySpec | None:
-    if key in _SPECS and key != WEIGHT_KEY:
-        return _SPECS[key]
-    if _WEIGHT_RE.match(key):
-        return _SPECS[WEIGHT_KEY]
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# Raw maps: parsing and writing
-# --------------------------------------------------------------------------------------------
-
-
-class ParsedParamMap(dict):
-    """A :data:`ParamMap` that remembers where each key came from, for error messages.
-
-    Compares equal to a plain dict with the same entries.
-
-    Attributes
-    ----------
-    source : str
-        File name, or ``"<string>"``.
-    lines : dict of str to int
-        1-based line number of each key.
-    """
-
-    def __init__(self, items: Mapping[str, tuple[str, ...]] | None = None, *,
-                 source: str = "<string>", lines: Mapping[str, int] | None = None) -> None:
-        super().__init__(items or {})
-        self.source = source
-        self.lines: dict[str, int] = dict(lines or {})
-
-
-def _syntax_error(source: str, lineno: int, message: str) -> CombiregError:
-    return CombiregError(f"{source}:{lineno}: {message}")
-
-
-def _skip_space(line: str, i: int) -> int:
-    while i < len(line) and line[i].isspace():
-        i += 1
-    return i
-
-
-def _read_quoted(line: str, i: int, fail: Callable[[str], CombiregError]) -> tuple[str, int]:
-    """The quoted string starting at ``line[i] == '"'`` and the index after it."""
-    end = line.find('"', i + 1)
-    if end < 0:
-        raise fail("unbalanced quote")
-    after = end + 1
-    if after < len(line) and not (line[after].isspace() or line[after] == ")"):
-        raise fail(f"expected a space or ')' after the closing quote, got {line[after]!r}")
-    return line[i + 1:end], after
-
-
-def _read_bare(line: str, i: int, fail: Callable[[str], CombiregError]) -> tuple[str, int]:
-    """The bare token starting at ``i`` and the index after it."""
-    j = i
-    while (j < len(line) and not line[j].isspace() and line[j] not in '()"'
-           and not line.startswith("//", j)):
-        j += 1
-    if j < len(line) and line[j] in '("':
-        raise fail(f"unexpected {line[j]!r} after {line[i:j]!r}")
-    return line[i:j], j
-
-
-def _parse_line(line: str, fail: Callable[[str], CombiregError]) -> tuple[str, tuple[str, ...]] | None:
-    """``(key, values)`` of one line, or None for a blank or comment-only line."""
-    i = _skip_space(line, 0)
-    if i == len(line) or line.startswith("//", i):
-        return None
-    if line[i] != "(":
-        raise fail(f"expected '(' at the start of an entry, got {line[i:i + 20]!r}")
-    tokens: list[str] = []
-    key_quoted = False
-    i += 1
-    while True:
-        i = _skip_space(line, i)
-        if i == len(line) or line.startswith("//", i):
-            raise fail("missing ')'")
-        if line[i] == ")":
-            break
-        if line[i] == "(":
-            raise fail("unexpected '(' inside an entry")
-        if line[i] == '"':
-            key_quoted = key_quoted or not tokens
-            token, i = _read_quoted(line, i, fail)
-        else:
-            token, i = _read_bare(line, i, fail)
-        tokens.append(token)
-    rest = _skip_space(line, i + 1)
-    if rest < len(line) and not line.startswith("//", rest):
-        raise fail(f"unexpected text after ')': {line[rest:].rstrip()!r}")
-    if not tokens or tokens[0] == "":
-        raise fail("empty key")
-    key = tokens[0]
-    if key_quoted:
-        raise fail(f"the key must not be quoted: {key!r}")
-    if not _KEY_RE.match(key):
-        raise fail(f"invalid key {key!r} (letters, digits and '_', not starting with a digit)")
-    return key, tuple(tokens[1:])
-
-
-def parse_text(text: str, source: str = "<string>") -> ParsedParamMap:
-    """Parse parameter-file text (syntax only; keys and values are not checked).
-
-    Parameters
-    ----------
-    text : str
-        The file contents.
-    source : str
-        Name used in error messages.
-
-    Returns
-    -------
-    ParsedParamMap
-        Keys in file order, values as strings with quotes stripped; ``.lines`` holds each
-        key's line number.
-
-    Raises
-    ------
-    CombiregError
-        ``SOURCE:LINE: ...`` for a malformed line or a duplicate key.
-    """
-    result = ParsedParamMap(source=source)
-    # A byte-order mark would otherwise make line 1 a syntax error.
-    text = text.removeprefix("\ufeff")
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        entry = _parse_line(line, lambda msg, n=lineno: _syntax_error(source, n, msg))
-        if entry is None:
-            continue
-        key, values = entry
-        if key in result:
-            raise _syntax_error(
-                source, lineno, f"duplicate key {key!r} (first given on line {result.lines[key]})"
-            )
-        result[key] = values
-        result.lines[key] = lineno
-    return result
-
-
-def read_parameter_file(path: str | os.PathLike) -> ParsedParamMap:
-    """Read and parse a parameter file (syntax only).
-
-    Raises
-    ------
-    CombiregError
-        If the file is missing, unreadable, not UTF-8 text, or malformed.
-    """
-    source = os.fspath(path)
-    try:
-        with open(source, encoding="utf-8") as handle:
-            text = handle.read()
-    except FileNotFoundError:
-        raise CombiregError(f"{source}: no such file") from None
-    except UnicodeDecodeError as exc:
-        raise CombiregError(f"{source}: not a UTF-8 text file ({exc.reason})") from None
-    except OSError as exc:
-        raise CombiregError(f"{source}: cannot read parameter file ({exc.strerror or exc})") from None
-    return parse_text(text, source)
-
-
-def _is_bare_safe(value: str) -> bool:
-    """Whether ``value`` reads back unchanged when written without quotes."""
-    return (value != "" and "//" not in value
-            and not any(c.isspace() or c in '()"' for c in value))
-
-
-def _format_value(key: str, value: str) -> str:
-    if '"' in value or "\n" in value or "\r" in value:
-        raise CombiregError(f"{key}: cannot write value {value!r} (contains a quote or line break)")
-    spec = _spec_for(key)
-    if spec is not None:
-        quote = spec.kind in ("str", "bool")
-    else:
-        # Unknown keys: keep numbers bare like elastix does, quote everything else.
-        quote = not (_INT_RE.match(value) or _FLOAT_RE.match(value))
-    if quote or not _is_bare_safe(value):
-        return f'"{value}"'
-    return value
-
-
 def format_parameter_map(pm: Mapping[str, Sequence[str]], *, comments: bool = False) -> str:
-    """Write a parameter map as elastix parameter-file text.
+    """Write a registration parameter map as elastix parameter-file text.
 
-    Parameters
-    ----------
-    pm : ParamMap
-        Keys and raw values; string and bool keys are written quoted.
-    comments : bool
-        Put each known key's description as a ``//`` comment above it.
-
-    Returns
-    -------
-    str
-        One ``(Key value ...)`` line per key, ending with a newline;
-        ``parse_text(format_parameter_map(pm)) == pm``.
+    :func:`combireg.paramfile.format_parameter_text` with the registration schema: string and
+    bool keys are written quoted, and ``comments`` puts each known key's description as a
+    ``//`` comment above it. ``parse_text(format_parameter_map(pm)) == pm``.
 
     Raises
     ------
     CombiregError
         If a key or value cannot be written (bad key name, value with a quote or line break).
     """
-    lines: list[str] = []
-    previous: KeySpec | None = None
-    for key, values in pm.items():
-        if not _KEY_RE.match(key):
-            raise CombiregError(f"cannot write key {key!r} (letters, digits and '_' only)")
-        spec = _spec_for(key)
-        # Consecutive keys of one spec (Metric0Weight, Metric1Weight) share one comment.
-        if comments and spec is not None and spec is not previous:
-            if lines:
-                lines.append("")
-            lines.append(f"// {spec.description}")
-        previous = spec
-        lines.append("(" + " ".join([key] + [_format_value(key, v) for v in values]) + ")")
-    return "\n".join(lines) + "\n" if lines else ""
+    return format_parameter_text(pm, REGISTRATION, comments=comments)
 
 
 # --------------------------------------------------------------------------------------------
@@ -656,137 +403,19 @@ def _fmt_float(value: float) -> str:
     return repr(float(value))
 
 
-class _Locator:
-    """Builds error messages with ``SOURCE:LINE:`` prefixes where lines are known."""
-
-    def __init__(self, pm: Mapping[str, Sequence[str]], source: str) -> None:
-        self.source = source
-        self.lines: dict[str, int] = dict(getattr(pm, "lines", {}) or {})
-
-    def where(self, key: str | None) -> str:
-        line = self.lines.get(key) if key is not None else None
-        return f"{self.source}:{line}" if line is not None else self.source
-
-    def line_note(self, key: str) -> str:
-        line = self.lines.get(key)
-        return f" (line {line})" if line is not None else ""
-
-    def error(self, key: str | None, message: str) -> CombiregError:
-        return CombiregError(f"{self.where(key)}: {message}")
-
-
-def _fmt_bound(bound: float) -> str:
-    # Whole bounds print as integers: "<= 4294967295", not "<= 4.29497e+09".
-    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
-
-
-def _expectation(spec: KeySpec) -> str:
-    """What a single value of ``spec`` must look like, e.g. 'an odd integer >= 3'."""
-    if spec.kind == "bool":
-        return '"true" or "false"'
-    if spec.kind == "str":
-        return "one of " + ", ".join(repr(c) for c in spec.choices) if spec.choices else "a string"
-    noun = ("an odd integer" if spec.odd else "an integer") if spec.kind == "int" else "a number"
-    bounds = []
-    if spec.minimum is not None:
-        bounds.append(f"{'>' if spec.minimum_exclusive else '>='} {_fmt_bound(spec.minimum)}")
-    if spec.maximum is not None:
-        bounds.append(f"<= {_fmt_bound(spec.maximum)}")
-    return f"{noun} {' and '.join(bounds)}" if bounds else noun
-
-
-def _convert_value(spec: KeySpec, raw: str) -> object | None:
-    """The typed value, or None if ``raw`` does not fit the spec."""
-    if spec.kind == "bool":
-        return {"true": True, "false": False}.get(raw)
-    if spec.kind == "str":
-        return raw if not spec.choices or raw in spec.choices else None
-    if spec.kind == "int":
-        if not _INT_RE.match(raw):
-            return None
-        value: float = int(raw)
-        if spec.odd and value % 2 == 0:
-            return None
-    else:
-        if not _FLOAT_RE.match(raw):
-            return None
-        value = float(raw)
-        if not math.isfinite(value):
-            return None
-    if spec.minimum is not None and (
-        value < spec.minimum or (spec.minimum_exclusive and value == spec.minimum)
-    ):
-        return None
-    if spec.maximum is not None and value > spec.maximum:
-        return None
-    return value
-
-
-def _describe_count(spec: KeySpec) -> tuple[int, int | None, str]:
-    """(min, max, wording) of the count rule, ignoring NumberOfResolutions."""
-    if spec.count == "1":
-        return 1, 1, "exactly 1 value"
-    if spec.count == "2":
-        return 2, 2, "exactly 2 values"
-    if spec.count == "metrics":
-        return 1, MAX_METRICS, f"1 to {MAX_METRICS} values"
-    # Per-level counts depend on NumberOfResolutions and are checked across keys.
-    return 1, None, "at least 1 value"
-
-
-def _check_key(key: str, spec: KeySpec, raw: Sequence[str], loc: _Locator) -> tuple:
-    """Typed values of one key, checking type, range and the key's own count rule."""
-    low, high, wording = _describe_count(spec)
-    if len(raw) < low or (high is not None and len(raw) > high):
-        raise loc.error(key, f"{key} expects {wording}, got {len(raw)}")
-    values = []
-    for index, text in enumerate(raw):
-        value = _convert_value(spec, text)
-        if value is None:
-            which = f" (value {index + 1})" if len(raw) > 1 else ""
-            raise loc.error(key, f"{key} expects {_expectation(spec)}, got {text!r}{which}")
-        values.append(value)
-    if spec.name == "Metric" and len(set(values)) < len(values):
-        twice = next(v for v in values if values.count(v) > 1)
-        raise loc.error(key, f"Metric lists {twice!r} more than once")
-    if spec.name == "NormalizationPercentiles" and not values[0] < values[1]:
-        raise loc.error(key, f"NormalizationPercentiles expects lo < hi, got {raw[0]!r} {raw[1]!r}")
-    return tuple(values)
-
-
-def _unknown_key_message(key: str) -> str:
-    match = difflib.get_close_matches(key, _known_keys(), n=1)
-    hint = f" (did you mean {match[0]!r}?)" if match else ""
-    return f"unknown key {key!r}{hint}"
-
-
-def _check_all_keys(pm: Mapping[str, Sequence[str]], loc: _Locator) -> dict[str, tuple]:
-    """Typed values of every key, in line order so the first error is the first in the file."""
-    order = sorted(pm, key=lambda k: loc.lines.get(k, 0))
-    typed: dict[str, tuple] = {}
-    for key in order:
-        if _spec_for(key) is None:
-            raise loc.error(key, _unknown_key_message(key))
-    for key in order:
-        typed[key] = _check_key(key, _spec_for(key), tuple(pm[key]), loc)
-    return typed
-
-
-def _per_level(key: str, typed: dict[str, tuple], num_levels: int, loc: _Locator,
-               levels_note: str) -> tuple:
+def _per_level(key: str, checked: CheckedMap, num_levels: int, levels_note: str) -> tuple:
     """Per-level values of ``key`` with the first-value fallback."""
-    if key in typed:
-        values = typed[key]
+    if checked.given(key):
+        values = checked.typed[key]
         if len(values) > num_levels:
-            raise loc.error(
+            raise checked.error(
                 key,
                 f"{key} expects 1 to {num_levels} values (one per resolution; "
                 f"NumberOfResolutions is {num_levels}{levels_note}), got {len(values)}",
             )
     else:
         # Defaults follow the same rule, cut to the number of levels.
-        spec = _SPECS[key]
-        values = _check_key(key, spec, spec.default[:num_levels], loc)
+        values = checked.values(key, limit=num_levels)
     return values + (values[0],) * (num_levels - len(values))
 
 
@@ -794,14 +423,13 @@ def _default_schedule(num_levels: int) -> tuple[tuple[int, int, int], ...]:
     return tuple((2 ** (num_levels - lvl),) * 3 for lvl in range(num_levels))
 
 
-def _schedule(typed: dict[str, tuple], num_levels: int, loc: _Locator,
-              levels_note: str) -> tuple[tuple[int, int, int], ...]:
+def _schedule(checked: CheckedMap, num_levels: int, levels_note: str) -> tuple[tuple[int, int, int], ...]:
     key = "ImagePyramidSchedule"
-    if key not in typed:
+    if not checked.given(key):
         return _default_schedule(num_levels)
-    flat = typed[key]
+    flat = checked.typed[key]
     if len(flat) != 3 * num_levels:
-        raise loc.error(
+        raise checked.error(
             key,
             f"{key} expects {3 * num_levels} values (x y z for each of {num_levels} "
             f"resolution{'s' if num_levels != 1 else ''}; NumberOfResolutions is "
@@ -810,7 +438,7 @@ def _schedule(typed: dict[str, tuple], num_levels: int, loc: _Locator,
     levels = tuple(tuple(flat[3 * i:3 * i + 3]) for i in range(num_levels))
     for lvl in range(1, num_levels):
         if any(f > c for f, c in zip(levels[lvl], levels[lvl - 1])):
-            raise loc.error(
+            raise checked.error(
                 key,
                 f"{key}: level {lvl} factors {' '.join(map(str, levels[lvl]))} are larger than "
                 f"level {lvl - 1} factors {' '.join(map(str, levels[lvl - 1]))} "
@@ -819,65 +447,50 @@ def _schedule(typed: dict[str, tuple], num_levels: int, loc: _Locator,
     return levels
 
 
-def _metric_weights(typed: dict[str, tuple], metrics: tuple[str, ...], loc: _Locator) -> tuple[float, ...]:
+def _metric_weights(checked: CheckedMap, metrics: tuple[str, ...]) -> tuple[float, ...]:
     """Weights per metric (given or equal), checked for count and sum."""
-    for key in sorted((k for k in typed if _WEIGHT_RE.match(k)), key=lambda k: loc.lines.get(k, 0)):
+    for key in sorted((k for k in checked.typed if _WEIGHT_RE.match(k)), key=checked.line):
         index = int(_WEIGHT_RE.match(key).group(1))
         if index >= len(metrics):
-            raise loc.error(
+            raise checked.error(
                 key,
-                f"{key} has no metric: Metric lists {len(metrics)}{loc.line_note('Metric')}, "
+                f"{key} has no metric: Metric lists {len(metrics)}{checked.line_note('Metric')}, "
                 f"so the weight keys are Metric0Weight to {_weight_key(len(metrics) - 1)}",
             )
     weights = tuple(
-        typed[_weight_key(i)][0] if _weight_key(i) in typed else 1.0 / len(metrics)
+        checked.typed[_weight_key(i)][0] if checked.given(_weight_key(i)) else 1.0 / len(metrics)
         for i in range(len(metrics))
     )
     total = math.fsum(weights)
     if abs(total - 1.0) > WEIGHT_SUM_TOLERANCE:
-        given = [_weight_key(i) for i in range(len(metrics)) if _weight_key(i) in typed]
-        blame = max(given, key=lambda k: loc.lines.get(k, 0)) if given else "Metric"
+        given = [_weight_key(i) for i in range(len(metrics)) if checked.given(_weight_key(i))]
+        blame = max(given, key=checked.line) if given else "Metric"
         parts = ", ".join(
-            f"{_weight_key(i)} {w:g}" + ("" if _weight_key(i) in typed else " (default)")
+            f"{_weight_key(i)} {w:g}" + ("" if checked.given(_weight_key(i)) else " (default)")
             for i, w in enumerate(weights)
         )
-        raise loc.error(blame, f"metric weights must sum to 1, got {total:g} ({parts})")
+        raise checked.error(blame, f"metric weights must sum to 1, got {total:g} ({parts})")
     return weights
 
 
-def _single(typed: dict[str, tuple], key: str, loc: _Locator):
-    """The one value of a single-valued key, given or default."""
-    if key in typed:
-        return typed[key][0]
-    spec = _SPECS[key]
-    return _check_key(key, spec, spec.default, loc)[0]
-
-
-def _values(typed: dict[str, tuple], key: str, loc: _Locator) -> tuple:
-    if key in typed:
-        return typed[key]
-    spec = _SPECS[key]
-    return _check_key(key, spec, spec.default, loc)
-
-
-def _weighting_settings(typed: dict[str, tuple], metrics: tuple[str, ...], loc: _Locator) -> dict:
+def _weighting_settings(checked: CheckedMap, metrics: tuple[str, ...]) -> dict:
     """Settings fields of the adaptive metric weights and the correspondence weighting, cross-checked."""
-    weighting = _single(typed, "MetricWeighting", loc)
+    weighting = checked.single("MetricWeighting")
     if weighting == "adaptive" and len(metrics) < 2:
-        raise loc.error("MetricWeighting", f"MetricWeighting \"adaptive\" balances 2 or more metrics; "
-                                           f"Metric lists {len(metrics)}{loc.line_note('Metric')}")
-    correspondence = _single(typed, "CorrespondenceWeighting", loc)
-    if correspondence and not _single(typed, "Bidirectional", loc):
-        raise loc.error("CorrespondenceWeighting", "CorrespondenceWeighting \"true\" compares the forward and "
+        raise checked.error("MetricWeighting", f"MetricWeighting \"adaptive\" balances 2 or more metrics; "
+                                           f"Metric lists {len(metrics)}{checked.line_note('Metric')}")
+    correspondence = checked.single("CorrespondenceWeighting")
+    if correspondence and not checked.single("Bidirectional"):
+        raise checked.error("CorrespondenceWeighting", "CorrespondenceWeighting \"true\" compares the forward and "
                                                    "backward fields, so it needs (Bidirectional \"true\")")
     return dict(
         metric_weighting=weighting,
-        metric_weighting_interval=_single(typed, "MetricWeightingInterval", loc),
+        metric_weighting_interval=checked.single("MetricWeightingInterval"),
         correspondence_weighting=correspondence,
-        correspondence_error_scale=float(_single(typed, "CorrespondenceErrorScale", loc)),
-        correspondence_smoothing=float(_single(typed, "CorrespondenceSmoothing", loc)),
-        correspondence_max_exclusion=float(_single(typed, "CorrespondenceMaximumExclusion", loc)),
-        correspondence_interval=_single(typed, "CorrespondenceUpdateInterval", loc),
+        correspondence_error_scale=float(checked.single("CorrespondenceErrorScale")),
+        correspondence_smoothing=float(checked.single("CorrespondenceSmoothing")),
+        correspondence_max_exclusion=float(checked.single("CorrespondenceMaximumExclusion")),
+        correspondence_interval=checked.single("CorrespondenceUpdateInterval"),
     )
 
 
@@ -887,8 +500,9 @@ def settings_from_map(pm: Mapping[str, Sequence[str]], *, source: str | None = N
     Parameters
     ----------
     pm : ParamMap
-        Raw map; missing keys take their defaults. A :class:`ParsedParamMap` (from
-        :func:`parse_text` / :func:`read_parameter_file`) gives errors with line numbers.
+        Raw map; missing keys take their defaults. A :class:`~combireg.paramfile.ParsedParamMap`
+        (from :func:`~combireg.paramfile.parse_text` / :func:`~combireg.paramfile.read_parameter_file`)
+        gives errors with line numbers.
     source : str, optional
         Name for messages and ``Settings.source``; default: ``pm.source`` if it has one,
         else ``"<string>"``.
@@ -904,36 +518,33 @@ def settings_from_map(pm: Mapping[str, Sequence[str]], *, source: str | None = N
         (with the nearest known key as a suggestion), a value of the wrong type, count or
         range, or keys that disagree with each other.
     """
-    if source is None:
-        source = getattr(pm, "source", "<string>")
-    loc = _Locator(pm, source)
-    typed = _check_all_keys(pm, loc)
+    checked = check_map(pm, REGISTRATION, source=source)
 
-    metrics = _values(typed, "Metric", loc)
-    weights = _metric_weights(typed, metrics, loc)
-    num_levels = _single(typed, "NumberOfResolutions", loc)
-    levels_note = loc.line_note("NumberOfResolutions")
+    metrics = checked.values("Metric")
+    weights = _metric_weights(checked, metrics)
+    num_levels = checked.single("NumberOfResolutions")
+    levels_note = checked.line_note("NumberOfResolutions")
     per_level = {
-        name: _per_level(key, typed, num_levels, loc, levels_note)
+        name: _per_level(key, checked, num_levels, levels_note)
         for name, key in _PER_LEVEL_FIELDS.items()
     }
     return Settings(
         metrics=metrics,
         metric_weights=weights,
         num_levels=num_levels,
-        pyramid_schedule=_schedule(typed, num_levels, loc, levels_note),
-        optimizer=_single(typed, "Optimizer", loc),
-        bidirectional=_single(typed, "Bidirectional", loc),
-        inverse_consistency_weight=_single(typed, "InverseConsistencyWeight", loc),
-        seed=_single(typed, "Seed", loc),
-        normalization_percentiles=_values(typed, "NormalizationPercentiles", loc),
-        num_threads=_single(typed, "NumberOfThreads", loc),
-        pre_alignment=_single(typed, "PreAlignment", loc),
-        bias_field_correction=_single(typed, "BiasFieldCorrection", loc),
-        working_spacing=float(_single(typed, "WorkingSpacing", loc)),
-        working_orientation=_single(typed, "WorkingOrientation", loc),
-        **_weighting_settings(typed, metrics, loc),
-        source=source,
+        pyramid_schedule=_schedule(checked, num_levels, levels_note),
+        optimizer=checked.single("Optimizer"),
+        bidirectional=checked.single("Bidirectional"),
+        inverse_consistency_weight=checked.single("InverseConsistencyWeight"),
+        seed=checked.single("Seed"),
+        normalization_percentiles=checked.values("NormalizationPercentiles"),
+        num_threads=checked.single("NumberOfThreads"),
+        pre_alignment=checked.single("PreAlignment"),
+        bias_field_correction=checked.single("BiasFieldCorrection"),
+        working_spacing=float(checked.single("WorkingSpacing")),
+        working_orientation=checked.single("WorkingOrientation"),
+        **_weighting_settings(checked, metrics),
+        source=checked.source,
         **per_level,
     )
 
@@ -1057,47 +668,11 @@ TRAINING_SCHEMA: tuple[KeySpec, ...] = (
     _SPECS["NumberOfThreads"],
 )
 
-_TRAINING_SPECS: dict[str, KeySpec] = {spec.name: spec for spec in TRAINING_SCHEMA}
-_TRAINING_COUNTS = {
-    "xyz": (3, 3, "exactly 3 values (x y z)"),
-    "features": (1, MAX_NETWORK_LEVELS, f"1 to {MAX_NETWORK_LEVELS} values"),
-}
-
-
-def _training_spec_for(key: str) -> KeySpec | None:
-    if key in _TRAINING_SPECS and key != WEIGHT_KEY:
-        return _TRAINING_SPECS[key]
-    if _WEIGHT_RE.match(key):
-        return _TRAINING_SPECS[WEIGHT_KEY]
-    return None
-
-
-def _check_training_key(key: str, spec: KeySpec, raw: Sequence[str], loc: _Locator) -> tuple:
-    if spec.count not in _TRAINING_COUNTS:
-        return _check_key(key, spec, raw, loc)
-    low, high, wording = _TRAINING_COUNTS[spec.count]
-    if not low <= len(raw) <= high:
-        raise loc.error(key, f"{key} expects {wording}, got {len(raw)}")
-    values = []
-    for index, text in enumerate(raw):
-        value = _convert_value(spec, text)
-        if value is None:
-            which = f" (value {index + 1})" if len(raw) > 1 else ""
-            raise loc.error(key, f"{key} expects {_expectation(spec)}, got {text!r}{which}")
-        values.append(value)
-    return tuple(values)
-
-
-def _training_typed(pm: Mapping[str, Sequence[str]], loc: _Locator) -> dict[str, tuple]:
-    order = sorted(pm, key=lambda k: loc.lines.get(k, 0))
-    known = [s.name for s in TRAINING_SCHEMA if s.name != WEIGHT_KEY] + [_weight_key(i) for i in range(MAX_METRICS)]
-    for key in order:
-        if _training_spec_for(key) is None:
-            match = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {match[0]!r}?)" if match else ""
-            note = " (a registration key; DRN training files take the training keys)" if _spec_for(key) else ""
-            raise loc.error(key, f"unknown key {key!r}{hint or note}")
-    return {key: _check_training_key(key, _training_spec_for(key), tuple(pm[key]), loc) for key in order}
+#: The DRN training schema: the registration counts plus "xyz" (exactly 3 values) and "features".
+TRAINING = Schema(TRAINING_SCHEMA, {**_COUNTS, "xyz": (3, 3, "exactly 3 values (x y z)"),
+                                    "features": (1, MAX_NETWORK_LEVELS, f"1 to {MAX_NETWORK_LEVELS} values")},
+                  indexed=MAX_METRICS, foreign=REGISTRATION,
+                  foreign_note=" (a registration key; DRN training files take the training keys)")
 
 
 @dataclass(frozen=True)
@@ -1156,7 +731,7 @@ class TrainingSettings:
 
     def to_text(self) -> str:
         """The resolved parameter file (elastix syntax)."""
-        return format_parameter_map(self.to_parameter_map())
+        return format_parameter_text(self.to_parameter_map(), TRAINING)
 
     def replace(self, **changes) -> "TrainingSettings":
         """A copy with some fields changed, validated like a parameter file.
@@ -1183,23 +758,14 @@ def training_settings_from_map(pm: Mapping[str, Sequence[str]], *, source: str |
     CombiregError
         ``SOURCE:LINE: ...`` as :func:`settings_from_map`.
     """
-    if source is None:
-        source = getattr(pm, "source", "<string>")
-    loc = _Locator(pm, source)
-    typed = _training_typed(pm, loc)
-
-    def values(key: str) -> tuple:
-        if key in typed:
-            return typed[key]
-        spec = _TRAINING_SPECS[key]
-        return _check_training_key(key, spec, spec.default, loc)
-
+    checked = check_map(pm, TRAINING, source=source)
+    values = checked.values
     metrics = values("Metric")
-    weights = _metric_weights(typed, metrics, loc)
+    weights = _metric_weights(checked, metrics)
     validation, test = values("ValidationFraction")[0], values("TestFraction")[0]
     if validation + test >= 1.0:
-        blame = max(("ValidationFraction", "TestFraction"), key=lambda k: loc.lines.get(k, 0))
-        raise loc.error(blame, f"ValidationFraction + TestFraction must be < 1, got {validation:g} + {test:g}")
+        blame = max(("ValidationFraction", "TestFraction"), key=checked.line)
+        raise checked.error(blame, f"ValidationFraction + TestFraction must be < 1, got {validation:g} + {test:g}")
     return TrainingSettings(
         metrics=metrics,
         metric_weights=weights,
@@ -1218,7 +784,7 @@ def training_settings_from_map(pm: Mapping[str, Sequence[str]], *, source: str |
         seed=values("Seed")[0],
         normalization_percentiles=tuple(float(v) for v in values("NormalizationPercentiles")),
         num_threads=values("NumberOfThreads")[0],
-        source=source,
+        source=checked.source,
     )
 
 
@@ -1242,6 +808,7 @@ def default_training_settings() -> TrainingSettings:
 
 __all__ += [
     "TRAINING_SCHEMA",
+    "TRAINING",
     "TrainingSettings",
     "training_settings_from_map",
     "load_training_settings",

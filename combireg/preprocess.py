@@ -31,6 +31,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
+from .elastix_driver import PoolThreader, itk_image, itk_message, run_elastix
 from .errors import CombiregError
 from .geometry import Geometry
 from .image import Image
@@ -408,16 +409,6 @@ def _itk():
     return itk
 
 
-def _itk_image(array: np.ndarray, geometry: Geometry, pixel=None):
-    """An ITK image of a (Z, Y, X) array on ``geometry`` (a copy, so numpy may free its buffer)."""
-    itk = _itk()
-    out = itk.image_from_array(np.ascontiguousarray(array, dtype=pixel or np.float32))
-    out.SetOrigin([float(v) for v in geometry.origin])
-    out.SetSpacing([float(v) for v in geometry.spacing])
-    out.SetDirection(itk.matrix_from_array(geometry.direction_matrix.copy()))
-    return out
-
-
 def _mask_array(mask: Image | None, geometry: Geometry, role: str) -> np.ndarray | None:
     if mask is None:
         return None
@@ -512,8 +503,8 @@ def _n4_channel(channel: Image, k: int, user_mask: np.ndarray | None, small_geom
         raise CombiregError(f"N4: channel {k} has {np.count_nonzero(fit)} positive voxels inside the mask on "
                             f"the fitting grid; N4 needs positive intensities (MR magnitudes) to fit")
     n4 = itk.N4BiasFieldCorrectionImageFilter[float_image, mask_image, float_image].New()
-    n4.SetInput(_itk_image(small, small_geometry))
-    n4.SetMaskImage(_itk_image(fit.astype(np.uint8), small_geometry, np.uint8))
+    n4.SetInput(itk_image(small, small_geometry))
+    n4.SetMaskImage(itk_image(fit.astype(np.uint8), small_geometry, np.uint8))
     n4.SetNumberOfFittingLevels(len(iterations))
     n4.SetMaximumNumberOfIterations(iterations)
     n4.SetConvergenceThreshold(float(convergence_threshold))
@@ -525,7 +516,7 @@ def _n4_channel(channel: Image, k: int, user_mask: np.ndarray | None, small_geom
     # ReconstructBiasField evaluates the lattice on the filter's *input* grid, normalised
     # by its first and last voxel centres; the shrunk grid has the same ones, so pointing
     # the input at the full-resolution image evaluates the same field exactly there.
-    n4.SetInput(_itk_image(channel.numpy()[0], geometry))
+    n4.SetInput(itk_image(channel.numpy()[0], geometry))
     log_bias = np.asarray(itk.array_from_image(n4.ReconstructBiasField(lattice)), dtype=np.float32)
     log.info("N4 channel %d: %d iterations at the last level, log bias range %.3f..%.3f", k,
              n4.GetElapsedIterations(), float(log_bias.min()), float(log_bias.max()))
@@ -591,11 +582,9 @@ def prealign(source: Image, target: Image, kind: str = "rigid", *, source_mask: 
         raise ValueError("resolutions, iterations and samples must be positive")
     source_inside = _mask_array(source_mask, source.geometry, "source")
     target_inside = _mask_array(target_mask, target.geometry, "target")
-    from .adapters.elastix import _PoolThreader, _itk_message, run_elastix
-
     itk = _itk()
-    fixed = _itk_image(target.numpy()[0], target.geometry)
-    moving = _itk_image(source.numpy()[0], source.geometry)
+    fixed = itk_image(target.numpy()[0], target.geometry)
+    moving = itk_image(source.numpy()[0], source.geometry)
     pm = dict(itk.ParameterObject.New().GetDefaultParameterMap(kind, int(resolutions)))
     pm["Transform"] = [_PREALIGN_KINDS[kind]]
     pm["Metric"] = [_PREALIGN_METRICS[metric]]
@@ -612,18 +601,18 @@ def prealign(source: Image, target: Image, kind: str = "rigid", *, source_mask: 
     pm["WriteResultImage"] = ["false"]  # only the transform is wanted
     for key, values in (elastix_parameters or {}).items():
         pm[str(key)] = [str(v) for v in ([values] if isinstance(values, (str, int, float)) else values)]
-    with _PoolThreader(), tempfile.TemporaryDirectory(prefix="combireg-prealign-",
+    with PoolThreader(), tempfile.TemporaryDirectory(prefix="combireg-prealign-",
                                                       ignore_cleanup_errors=True) as workdir:
         fixed_mask = None if target_inside is None else \
-            _itk_image(target_inside.astype(np.uint8), target.geometry, np.uint8)
+            itk_image(target_inside.astype(np.uint8), target.geometry, np.uint8)
         moving_mask = None if source_inside is None else \
-            _itk_image(source_inside.astype(np.uint8), source.geometry, np.uint8)
+            itk_image(source_inside.astype(np.uint8), source.geometry, np.uint8)
         reg = run_elastix([(fixed, moving)], pm, workdir, what=f"elastix {kind} pre-alignment",
                           fixed_mask=fixed_mask, moving_mask=moving_mask)
         try:
             transform = reg.ConvertToItkTransform(reg.GetCombinationTransform())
         except Exception as exc:
-            raise CombiregError(f"elastix {kind} pre-alignment failed: {_itk_message(exc)}") from None
+            raise CombiregError(f"elastix {kind} pre-alignment failed: {itk_message(exc)}") from None
         matrix = _matrix_of_transform(transform, target.geometry)
     log.info("pre-alignment (%s): target -> source matrix\n%s", kind, np.array2string(matrix, precision=4))
     return matrix

@@ -47,6 +47,7 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage as ndi
 
+from .deformations import Deformation, FourierField, RadialField, Rigid, rotation_matrix, unit_vectors
 from .errors import CombiregError
 from .geometry import Geometry
 from .image import Image
@@ -55,11 +56,6 @@ from .outputs import atomic_output_dir, prepare_output_dir
 from .synth import (
     _CHUNK,
     _INVERSE_MAX_RESIDUAL_MM,
-    NOTICE,
-    Deformation,
-    FourierField,
-    RadialField,
-    Rigid,
     _Appearance,
     _acquire,
     _decimated,
@@ -69,15 +65,13 @@ from .synth import (
     _oblique_geometry,
     _place_tumour,
     _resampled_geometry,
-    _rotation_matrix,
     _sample,
     _smooth_hull,
     _soft_inside,
-    _unit_vectors,
     _world_to_index,
     estimate_brain_mask,
-    fetch_template,
 )
+from .template import NOTICE, fetch_template
 
 __all__ = ["VARIANTS", "CROSS_SEQUENCE_VARIANTS", "GaussianShift", "Anatomy", "make_anatomy", "generate_varied_set"]
 
@@ -350,7 +344,7 @@ def make_anatomy(template: Image, afids: Landmarks, seed: int, *, brain_mask: np
     noise_post = _bounded_fourier(rng_warp, rng_warp.uniform(1.0, 2.5), (50.0, 150.0), max_gradient=0.15)
     angles = rng_warp.uniform(-4.0, 4.0, size=3)
     translation = rng_warp.uniform(-4.0, 4.0, size=3)
-    rigid = Rigid(_rotation_matrix(angles), brain_centre, translation)
+    rigid = Rigid(rotation_matrix(angles), brain_centre, translation)
     psi_pre = Deformation((push, noise_pre))
     psi_post = Deformation((pull, shift, cortex, gyral, noise_post), rigid)
 
@@ -487,11 +481,11 @@ def _superior_axis(geometry: Geometry) -> int:
 
 
 def _pose_rigid(rng: np.random.Generator, centre: np.ndarray) -> tuple[Rigid, dict]:
-    axis = _unit_vectors(rng, 1)[0]
+    axis = unit_vectors(rng, 1)[0]
     angle = np.deg2rad(rng.uniform(8.0, 15.0))
     k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
     rotation = np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)  # Rodrigues
-    translation = _unit_vectors(rng, 1)[0] * rng.uniform(8.0, 15.0)
+    translation = unit_vectors(rng, 1)[0] * rng.uniform(8.0, 15.0)
     return Rigid(rotation, centre, translation), {"angle_deg": float(np.rad2deg(angle)), "axis": axis.tolist(),
                                                   "translation_lps_mm": translation.tolist()}
 
@@ -582,7 +576,7 @@ def simulate_variants(anatomy: Anatomy, out_dir: Path, variants=VARIANTS, *,
     base = _resampled_geometry(anatomy.template_geometry, 1.0)
     pose, pose_info = _pose_rigid(rng_grid, anatomy.brain_centre)
     oblique_deg = rng_grid.uniform(8.0, 15.0, size=3) * rng_grid.choice([-1.0, 1.0], size=3)
-    oblique = _oblique_geometry(base, _rotation_matrix(oblique_deg))
+    oblique = _oblique_geometry(base, rotation_matrix(oblique_deg))
     coarse_source = _resampled_geometry(anatomy.template_geometry, 1.2)
     psi_pose = _with_rigid(anatomy.psi_pre, pose)
     thick_axis = _superior_axis(base)

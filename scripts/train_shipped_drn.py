@@ -49,7 +49,8 @@ sys.path.insert(0, str(ROOT))
 from combireg.errors import CombiregError  # noqa: E402
 from combireg.network import shipped_model_path  # noqa: E402
 from combireg.params import load_training_settings  # noqa: E402
-from combireg.train import SYNTH_SEED, synth_data, train_drn  # noqa: E402
+from combireg.train import train_drn  # noqa: E402
+from combireg.training_data import SYNTH_SEED, synth_data  # noqa: E402
 
 METRIC_CHOICES = {"MSE": ("MSE",), "NCC": ("NCC",), "MSE+NCC": ("MSE", "NCC"), "GlobalNCC": ("GlobalNCC",)}
 

@@ -15,10 +15,11 @@ import pytest
 from click.testing import CliRunner
 
 from combireg import Geometry
-from combireg.batch import SUMMARY_NAME, case_complete, dask_executor, plan_workers, run_batch
+from combireg.batch import SUMMARY_NAME, case_complete, run_batch
 from combireg.cli.main import main
 from combireg.errors import CombiregError
-from combireg.evaluate import read_results
+from combireg.executor import dask_executor, plan_workers
+from combireg.summary import read_results
 from tests.conftest import image_from_world_function, oblique_direction, smooth_pattern
 
 CONTRACT = {"field.nii.gz", "field_inverse.nii.gz", "warped_0.nii.gz", "params.txt", "report.json"}
@@ -284,7 +285,7 @@ def test_worker_tasks_keep_large_allocations(cluster):
     mmap/munmap pair (2.2x slower registrations): every task resets glibc's thresholds first."""
     from distributed import Client
 
-    from combireg.batch import call_with_thread_limit, keep_large_allocations
+    from combireg.executor import call_with_thread_limit, keep_large_allocations
 
     assert keep_large_allocations() is True
     with Client(cluster) as client:

@@ -8,11 +8,13 @@ import torch
 from click.testing import CliRunner
 
 from combireg import Geometry, Image, io
-from combireg.api import CORRESPONDENCE_WEIGHT_NAME, register
+from combireg.api import register
+from combireg.outputs import CORRESPONDENCE_WEIGHT_NAME
 from combireg.errors import CombiregError
 from combireg.losses import SIMILARITIES
 from combireg.optimize import balanced_metric_weights, correspondence_weight, optimise_fields
-from combireg.params import default_settings, parse_text, settings_from_map
+from combireg.paramfile import parse_text
+from combireg.params import default_settings, settings_from_map
 from combireg.warp import identity_grid, resample_image, warp_image, warp_normalised
 from tests.conftest import ROOT, image_from_world_function, oblique_direction, smooth_pattern
 

@@ -9,15 +9,10 @@ from click.testing import CliRunner
 from scipy import stats
 
 from combireg.cli.main import main
+from combireg.cases import read_manifest
 from combireg.errors import CombiregError
-from combireg.evaluate import (
-    SPEC_KEYS,
-    paired_t_test,
-    parse_comparisons,
-    parse_method,
-    read_manifest,
-    read_results,
-)
+from combireg.methods import SPEC_KEYS, parse_method
+from combireg.summary import paired_t_test, parse_comparisons, read_results
 from tests.conftest import ROOT
 
 SAMPLES = ROOT / "data_samples"
@@ -388,7 +383,9 @@ def test_evaluate_reports_tre_near_the_lesion(tmp_path):
 
 def test_mask_exclude_lesion_masks_the_lesion_out_of_the_similarity(tmp_path, monkeypatch):
     from combireg import api, io
-    from combireg.evaluate import parse_method, read_manifest, run_cell
+    from combireg.cases import read_manifest
+    from combireg.evaluate import run_cell
+    from combireg.methods import parse_method
 
     case_dir = SAMPLES / "case0000"
     target = io.read_image(case_dir / "target_t1.nii.gz")

@@ -8,17 +8,15 @@ import pytest
 from click.testing import CliRunner
 
 from combireg.errors import CombiregError
+from combireg.paramfile import ParsedParamMap, parse_text, read_parameter_file
 from combireg.params import (
     METRICS,
-    ParsedParamMap,
     Settings,
     default_parameter_map,
     default_parameter_text,
     default_settings,
     format_parameter_map,
     load_settings,
-    parse_text,
-    read_parameter_file,
     settings_from_map,
 )
 

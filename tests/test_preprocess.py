@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from combireg.adapters.elastix import sync_elastix_clock
+from combireg.elastix_driver import sync_elastix_clock
 from combireg import Geometry, Image, io
 from combireg import preprocess as pp
 from combireg.cli.main import main

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -71,33 +70,6 @@ def case() -> synth.SimulatedCase:
 def _trilinear(field: np.ndarray, geometry: Geometry, points: np.ndarray) -> np.ndarray:
     coords = geometry.world_to_index(points)[:, ::-1].T
     return np.stack([ndi.map_coordinates(field[..., c], coords, order=1) for c in range(3)], axis=1)
-
-
-# ----------------------------------------------------------------------------- deformations
-def test_inverse_of_strong_deformation_is_exact():
-    rng = np.random.default_rng(0)
-    centre = np.array([5.0, -3.0, 2.0])
-    psi = synth.Deformation(
-        (synth.RadialField(centre, 10.0, 1.6),
-         synth.FourierField.random(rng, max_amplitude=2.0, wavelength_mm=(60.0, 160.0))),
-        synth.Rigid(synth._rotation_matrix(np.array([3.0, -4.0, 2.0])), np.zeros(3), np.array([2.0, -1.0, 3.0])),
-    )
-    y = centre + rng.uniform(-40, 40, size=(5000, 3))
-    y[:10] = centre + rng.normal(scale=0.5, size=(10, 3))  # near the centre, where the map bends most
-    p, residual = psi.inverse(y)
-    assert residual.max() < 1e-3
-    assert np.abs(psi(p) - y).max() < 1e-3
-
-
-def test_radial_field_jacobian_matches_finite_differences():
-    rng = np.random.default_rng(1)
-    fields = [synth.RadialField(np.array([1.0, 2.0, 3.0]), 12.0, -0.5),
-              synth.FourierField.random(rng, max_amplitude=1.5, wavelength_mm=(40.0, 80.0))]
-    p = rng.uniform(-20, 20, size=(20, 3))
-    for f in fields:
-        eps = 1e-2  # the Fourier field is evaluated in float32: a larger step avoids round-off
-        numeric = np.stack([(f(p + eps * e) - f(p - eps * e)) / (2 * eps) for e in np.eye(3)], axis=2)
-        np.testing.assert_allclose(f.jacobian(p), numeric, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- simulated case
@@ -243,24 +215,6 @@ def test_synth_command(tmp_path, phantom_source):
     assert "manifest.csv" in result.output and (out / "case0000" / "gt_field.nii.gz").is_file()
     again = CliRunner().invoke(command, ["-o", str(out), "--cases", "1", "--spacing", "4"])
     assert isinstance(again.exception, CombiregError)
-
-
-# ----------------------------------------------------------------------------- template download
-def test_template_wheel_is_unpacked_flat(tmp_path):
-    wheel = tmp_path / "w.whl"
-    with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr("autoafids/resources/a.fcsv", "x")
-        zf.writestr("autoafids/resources/sub/../b.txt", "y")
-        zf.writestr(f"autoafids-{synth.AUTOAFIDS_VERSION}.dist-info/LICENSE", "MIT")
-        zf.writestr("autoafids/__init__.py", "")
-    synth._extract_resources(wheel, tmp_path / "resources")
-    assert sorted(p.name for p in (tmp_path / "resources").iterdir()) == ["LICENSE.autoafids", "a.fcsv", "b.txt"]
-
-
-def test_a_corrupt_cached_wheel_is_refused(tmp_path):
-    (tmp_path / synth.AUTOAFIDS_WHEEL).write_bytes(b"not a wheel")
-    with pytest.raises(CombiregError, match="sha256"):
-        synth.fetch_template(tmp_path)
 
 
 # ----------------------------------------------------------------------------- committed samples

@@ -7,27 +7,25 @@ import torch
 from click.testing import CliRunner
 
 from combireg import Geometry, Image
+from combireg.cases import read_training_manifest
 from combireg.cli.main import main
 from combireg.errors import CombiregError
 from combireg.losses import gradient_regulariser, weighted_similarity
 from combireg.network import load_model
+from combireg.paramfile import parse_text
 from combireg.params import (
     default_training_settings,
     load_training_settings,
-    parse_text,
     training_settings_from_map,
 )
 from combireg.train import (
-    TrainingData,
     checkpoint_path,
     curve_path,
     drn_loss,
-    images_data,
-    read_training_manifest,
     split_cases,
-    synth_data,
     train_drn,
 )
+from combireg.training_data import TrainingData, images_data, synth_data
 from combireg.warp import identity_grid, warp_normalised
 from tests.conftest import ROOT, smooth_pattern
 
@@ -326,7 +324,8 @@ sys.path.insert(0, {root!r})
 import torch
 torch.set_num_threads(1)
 from tests.test_train import _pairs, _settings
-from combireg.train import images_data, train_drn
+from combireg.train import train_drn
+from combireg.training_data import images_data
 settings = _settings(epochs=1, validation_fraction=0.0, test_fraction=0.0, augmentation=False)
 data = images_data(_pairs(4), settings)
 seen = []

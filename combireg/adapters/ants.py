@@ -39,11 +39,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .. import __version__
 from ..errors import CombiregError
 from ..geometry import Geometry
 from ..image import Image
 from .elastix import ImageLike
+from ..version import __version__
 
 __all__ = ["register_ants", "AntsResult", "require_ants", "METHOD"]
 
@@ -94,7 +94,7 @@ class AntsResult:
 
     def save(self, outdir: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the outputs of ``combireg run`` into ``outdir``, whole or not at all."""
-        from ..api import write_outputs
+        from ..outputs import write_outputs
 
         return write_outputs(outdir, self, self.params_text(), overwrite=overwrite)
 

@@ -17,7 +17,6 @@ Naming: source/target throughout, except where elastix calls them moving/fixed.
 """
 from __future__ import annotations
 
-import logging
 import os
 import platform
 import re
@@ -30,20 +29,18 @@ from typing import Callable, Sequence, Union
 
 import numpy as np
 
-from .. import __version__
+from ..elastix_driver import ParameterMap, PoolThreader, itk_image, itk_message, run_elastix, sync_elastix_clock
 from ..errors import CombiregError
 from ..geometry import Geometry
 from ..image import Image
+from ..version import __version__
 
-__all__ = ["register_elastix", "run_elastix", "sync_elastix_clock", "ElastixResult", "default_parameter_map", "read_parameter_map",
-           "expand_for_channels", "format_elastix_map", "METHOD"]
-
-log = logging.getLogger(__name__)
+__all__ = ["register_elastix", "ElastixResult", "default_parameter_map", "read_parameter_map", "expand_for_channels",
+           "format_elastix_map", "METHOD"]
 
 METHOD = "elastix_bspline"
 
 ImageLike = Union[Image, str, os.PathLike, Sequence[Union[str, os.PathLike]]]
-ParameterMap = dict  # str -> list[str], elastix's own representation
 
 #: Metrics that take no image intensities (penalties on the transform, point distances): they
 #: stay single when the image metric is repeated per channel.
@@ -86,7 +83,7 @@ def read_parameter_map(path: str | os.PathLike) -> ParameterMap:
     try:
         po.ReadParameterFile(str(path))
     except Exception as exc:  # ITK raises RuntimeError with multi-line text
-        raise CombiregError(f"{path}: {_itk_message(exc)}") from None
+        raise CombiregError(f"{path}: {itk_message(exc)}") from None
     if po.GetNumberOfParameterMaps() != 1:
         raise CombiregError(f"{path}: expected one elastix parameter map, got {po.GetNumberOfParameterMaps()}")
     pm = {k: list(v) for k, v in po.GetParameterMap(0).items()}
@@ -185,148 +182,12 @@ class ElastixResult:
 
     def save(self, outdir: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the outputs of ``combireg run`` into ``outdir``, whole or not at all."""
-        from ..api import write_outputs
+        from ..outputs import write_outputs
 
         return write_outputs(outdir, self, self.params_text(), overwrite=overwrite)
 
 
 # ------------------------------------------------------------------------------ registration
-def _to_itk(image: Image, k: int):
-    itk = _itk()
-    out = itk.image_from_array(np.ascontiguousarray(image.numpy()[k], dtype=np.float32))
-    g = image.geometry
-    out.SetOrigin([float(v) for v in g.origin])
-    out.SetSpacing([float(v) for v in g.spacing])
-    out.SetDirection(itk.matrix_from_array(g.direction_matrix.copy()))
-    return out
-
-
-def _itk_message(exc: BaseException) -> str:
-    """ITK's exception text (file:line, ``ITK ERROR: ...``, continuation lines) as one line."""
-    text = str(exc)
-    if "ITK ERROR:" in text:
-        text = text.split("ITK ERROR:", 1)[1]
-    text = " ".join(text.split())
-    text = re.sub(r"^(\w+\(0x[0-9a-f]+\): )", "", text)
-    text = re.sub(r"^ERROR: ", "", text)
-    return text.replace(" Please correct you parameter file!", "") or type(exc).__name__
-
-
-def _last_log_error(log_path: Path) -> str | None:
-    """elastix's last error in its log, on one line (an 'Internal elastix error' says no more).
-
-    The last exception ``Description:`` line is the most specific; else the last ``ERROR`` line.
-    """
-    try:
-        lines = [" ".join(ln.split()) for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return None
-    for pattern in (r"^Description:", r"^(ITK )?ERROR\b"):
-        for line in reversed(lines):
-            if re.match(pattern, line, re.IGNORECASE):
-                text = re.sub(r"^Description:\s*", "", line)
-                text = re.sub(r"^(ITK )?ERROR:\s*", "", text, flags=re.IGNORECASE)
-                text = re.sub(r"^\w+\(0x[0-9a-f]+\):\s*", "", text)
-                if text:
-                    return text
-    return None
-
-
-class _PoolThreader:
-    """ITK's Pool threader for elastix unless ``ITK_GLOBAL_DEFAULT_THREADER`` says otherwise.
-
-    Why: on the 2-core benchmark machine Pool was 11-15 % faster than ITK's default (TBB) for
-    elastix (see benchmarks/bench_core.py). The previous global default is restored after.
-    """
-
-    def __enter__(self):
-        self.previous = None
-        self.name = os.environ.get("ITK_GLOBAL_DEFAULT_THREADER") or "(ITK default)"
-        if os.environ.get("ITK_GLOBAL_DEFAULT_THREADER"):
-            return self
-        mtb = _itk().MultiThreaderBase
-        if hasattr(mtb, "SetGlobalDefaultThreader"):
-            self.previous = mtb.GetGlobalDefaultThreader()
-            mtb.SetGlobalDefaultThreader(mtb.ThreaderTypeFromString("Pool"))
-            self.name = "Pool"
-        return self
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            _itk().MultiThreaderBase.SetGlobalDefaultThreader(self.previous)
-        return False
-
-
-def sync_elastix_clock() -> int:
-    """Advance itk-elastix's modification-time counter past ITK's own; call before elastix runs.
-
-    Why: the itk-elastix module carries its own copy of ITK's global modification-time counter.
-    Images made by the rest of ITK (reading files, N4, ``image_from_array``) are stamped by the
-    main counter, which after some work is far ahead of elastix's; elastix's internal pipeline
-    then sees its inputs as always newer than its own outputs and re-runs its image pyramids
-    (recursive Gaussian smoothing) at every iteration until its own counter catches up.
-    Measured: a rigid registration of a 2 mm brain right after N4 took 118 s instead of 1.6 s
-    (N4 had advanced the main counter by 38,000, elastix's stood at 91). Each ``Modified()``
-    on an elastix object advances elastix's counter by one (about 0.4 us each).
-
-    Returns
-    -------
-    int
-        How many steps elastix's counter was advanced (0 when it was already 1000 ahead).
-    """
-    itk = _itk()
-    probe = itk.Image[itk.F, 3].New()  # an object of the main ITK modules
-    probe.Modified()
-    clock = itk.ParameterObject.New()  # an object of the elastix module
-    clock.Modified()
-    # The margin covers the ITK objects made between this call and elastix's Update() (making
-    # one ITK object from Python advances ITK's clock by up to about a hundred).
-    steps = max(0, int(probe.GetMTime()) - int(clock.GetMTime()) + 1000)
-    bump = clock.Modified
-    for _ in range(steps):
-        bump()
-    if steps:
-        log.debug("advanced the elastix modification clock by %d", steps)
-    return steps
-
-
-def run_elastix(pairs: Sequence[tuple], parameter_map: ParameterMap, workdir: str | os.PathLike, *,
-                what: str = "elastix", fixed_mask=None, moving_mask=None):
-    """Run an itk-elastix registration in ``workdir`` (logging to a file there) and return it.
-
-    ``pairs`` are (fixed, moving) ITK images, one per metric. The caller holds ``workdir`` (a
-    temporary folder) for as long as it reads results: ITK pipelines are lazy.
-
-    Raises
-    ------
-    CombiregError
-        ``"<what> failed: <elastix's last log error>"``, not a stack trace.
-    """
-    itk = _itk()
-    parameters = itk.ParameterObject.New()
-    parameters.AddParameterMap(parameter_map)
-    reg = itk.ElastixRegistrationMethod[type(pairs[0][0]), type(pairs[0][1])].New()
-    for fixed, moving in pairs:
-        reg.AddFixedImage(fixed)
-        reg.AddMovingImage(moving)
-    if fixed_mask is not None:
-        reg.SetFixedMask(fixed_mask)
-    if moving_mask is not None:
-        reg.SetMovingMask(moving_mask)
-    reg.SetParameterObject(parameters)
-    reg.SetOutputDirectory(str(workdir))
-    reg.SetLogToConsole(False)
-    reg.SetLogToFile(True)
-    reg.SetLogFileName("elastix.log")
-    sync_elastix_clock()
-    try:
-        reg.Update()
-    except Exception as exc:
-        detail = _last_log_error(Path(workdir) / "elastix.log") or _itk_message(exc)
-        raise CombiregError(f"{what} failed: {detail}") from None
-    return reg
-
-
 def register_elastix(source: ImageLike, target: ImageLike, *, parameter_file: str | os.PathLike | None = None,
                      callback: Callable[[dict], None] | None = None) -> ElastixResult:
     """Register ``source`` to ``target`` with elastix (B-spline by default), all channels at once.
@@ -366,12 +227,12 @@ def register_elastix(source: ImageLike, target: ImageLike, *, parameter_file: st
     channels = target_img.num_channels
     pm = expand_for_channels(pm_in, channels)
     n_pairs = len(pm.get("Metric", [])) if channels > 1 else 1
-    fixed = [_to_itk(target_img, k) for k in range(channels)]
-    moving = [_to_itk(source_img, k) for k in range(channels)]
+    fixed = [itk_image(target_img.numpy()[k], target_img.geometry) for k in range(channels)]
+    moving = [itk_image(source_img.numpy()[k], source_img.geometry) for k in range(channels)]
     t_prep = time.perf_counter() - start
 
     notify({"stage": "elastix"})
-    with _PoolThreader() as threader, tempfile.TemporaryDirectory(prefix="combireg-elastix-", ignore_cleanup_errors=True) as workdir:
+    with PoolThreader() as threader, tempfile.TemporaryDirectory(prefix="combireg-elastix-", ignore_cleanup_errors=True) as workdir:
         # penalties get the first pair again (only its domain is used)
         pairs = [(fixed[k], moving[k]) if k < channels else (fixed[0], moving[0]) for k in range(n_pairs)]
         reg = run_elastix(pairs, pm, workdir, what="elastix")
@@ -391,7 +252,7 @@ def register_elastix(source: ImageLike, target: ImageLike, *, parameter_file: st
             # the output later re-ran transformix after the folder was gone ("does not exist").
             u_mm = np.array(itk.array_from_image(transformix.GetOutputDeformationField()), dtype=np.float32)
         except Exception as exc:
-            raise CombiregError(f"transformix failed: {_itk_message(exc)}") from None
+            raise CombiregError(f"transformix failed: {itk_message(exc)}") from None
     if u_mm.shape != target_img.geometry.shape + (3,):
         raise CombiregError(f"transformix returned a field of shape {u_mm.shape[:3]}, not the target grid "
                             f"{target_img.geometry.shape}")

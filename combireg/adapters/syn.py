@@ -76,11 +76,12 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .. import __version__
+from ..elastix_driver import PoolThreader, itk_image, itk_message
 from ..errors import CombiregError
 from ..geometry import Geometry
 from ..image import Image
-from .elastix import ImageLike, _itk, _itk_message, _PoolThreader, _to_itk
+from .elastix import ImageLike
+from ..version import __version__
 from ..warp import sample_field_at
 
 __all__ = ["register_syn", "SynResult", "SynSettings", "read_syn_settings", "METHOD"]
@@ -253,7 +254,7 @@ def read_syn_settings(path: str | os.PathLike) -> SynSettings:
     CombiregError
         Missing file, a syntax error, an unknown key or a bad value (naming file and line).
     """
-    from ..params import read_parameter_file
+    from ..paramfile import read_parameter_file
 
     pm = read_parameter_file(path)
     return settings_from_map(pm, source=pm.source, lines=pm.lines)
@@ -278,12 +279,18 @@ class SynResult:
 
     def save(self, outdir: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the outputs of ``combireg run`` into ``outdir``, whole or not at all."""
-        from ..api import write_outputs
+        from ..outputs import write_outputs
 
         return write_outputs(outdir, self, self.params_text(), overwrite=overwrite)
 
 
 # ------------------------------------------------------------------------------ ITK helpers
+def _itk():
+    import itk  # lazy: about a second or more to import
+
+    return itk
+
+
 def _vector_image(displacement: np.ndarray, geometry: Geometry):
     """(Z, Y, X, 3) LPS-mm array -> ``itk.Image[itk.Vector[itk.D, 3], 3]`` on ``geometry``.
 
@@ -328,7 +335,7 @@ def _level_image(image: Image, k: int, factor: int):
 
     geometry = image.geometry.shrink((factor,) * 3)
     data = level_image(image.data[k:k + 1][None], (factor,) * 3, geometry.shape)[0]
-    return _to_itk(Image(data, geometry), 0), geometry
+    return itk_image(Image(data, geometry).numpy()[0], geometry), geometry
 
 
 def _run_level(fixed, moving, settings: SynSettings, level: int, fixed_initial, moving_initial,
@@ -370,7 +377,7 @@ def _run_level(fixed, moving, settings: SynSettings, level: int, fixed_initial, 
     try:
         syn.Update()
     except Exception as exc:
-        raise CombiregError(f"ITK SyN failed at level {level + 1}: {_itk_message(exc)}") from None
+        raise CombiregError(f"ITK SyN failed at level {level + 1}: {itk_message(exc)}") from None
     f2m, m2m = syn.GetFixedToMiddleTransform(), syn.GetMovingToMiddleTransform()
     fields = {"fixed_to_middle": _field_array(f2m.GetDisplacementField()),
               "middle_to_fixed": _field_array(f2m.GetInverseDisplacementField()),
@@ -448,7 +455,7 @@ def register_syn(source: ImageLike, target: ImageLike, *, settings: SynSettings 
     state: dict[str, np.ndarray] | None = None
     grid: Geometry | None = None
     levels = []
-    with _PoolThreader() as threader:
+    with PoolThreader() as threader:
         for level, factor in enumerate(settings.shrink_factors):
             fixed, level_grid = _level_image(target_img, k, factor)
             moving, _ = _level_image(source_img, k, factor)
