@@ -40,7 +40,7 @@ for path in (str(REPO), str(HERE)):
 
 from bench_core import combireg_cli, machine_info, read_manifest, run_child, wait_for_idle  # noqa: E402
 
-GROUPS = ("afid", "cortex", "deepgm", "wm")
+GROUPS = ("afid", "cortex", "deepgm", "wm", "near")
 
 
 def variant_of(case_id: str) -> str:
@@ -69,7 +69,7 @@ def score(field_path: Path, case: dict) -> dict:
         chosen = group == name
         if chosen.any():
             out[f"mean_{name}"] = float(errors[chosen].mean())
-    dense = np.isin(group, ("cortex", "deepgm", "wm"))
+    dense = np.isin(group, GROUPS[1:])
     if dense.any():
         out["mean_dense"] = float(errors[dense].mean())
         out["initial_mean_dense"] = float(initial[dense].mean())

@@ -88,6 +88,8 @@ _CHANNELS = {"iso1": (("t1", "t2"), ("t1", "t2")), "iso2": (("t1", "t2"), ("t1",
              "pose": (("t1", "t2"), ("t1", "t2")), "t1_t2": (("t1",), ("t2",)),
              "t1_flair": (("t1",), ("flair",))}
 MANIFEST_HEADER = ("id", "source", "target", "target_landmarks", "source_landmarks")
+#: Dense landmarks per group besides the AFIDs (see :func:`_landmark_candidates`).
+LANDMARK_COUNTS = {"cortex": 150, "deepgm": 75, "wm": 75, "near": 75}
 _LANDMARK_MARGIN_MM = 3.0  # landmarks keep this far from every grid's edge
 _THICK_SLICE = 4  # 1 x 1 x 4 mm target
 
@@ -176,6 +178,30 @@ def _smooth_mask_with_gradient(mask: np.ndarray, geometry: Geometry, sigma_mm: f
     return np.concatenate([smooth[None], d_world]).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class Chain:
+    """``psi(p) = outer(inner(p))``: two invertible maps composed, hence invertible.
+
+    Why: a sum of displacement terms can fold where their compressions add up; composing keeps
+    each map's own invertibility (a gyral-scale field with strains up to 60 % is safe alone).
+    """
+
+    inner: Deformation
+    outer: Deformation
+
+    def __call__(self, p: np.ndarray) -> np.ndarray:
+        return self.outer(self.inner(p))
+
+    def inverse(self, y: np.ndarray, **options) -> tuple[np.ndarray, np.ndarray]:
+        q, residual_outer = self.outer.inverse(y, **options)
+        p, residual_inner = self.inner.inverse(q, **options)
+        return p, np.maximum(residual_outer, residual_inner)
+
+    @property
+    def rigid(self) -> Rigid | None:
+        return self.outer.rigid
+
+
 def _bounded_fourier(rng: np.random.Generator, amplitude: float, wavelength_mm: tuple[float, float],
                      max_gradient: float) -> FourierField:
     """A :class:`FourierField` of ``amplitude`` mm, scaled down until its gradient bound holds."""
@@ -219,7 +245,7 @@ class Anatomy:
     lesion: _Lesion
     craniotomy: np.ndarray  # (3,) LPS mm, on the brain surface above the tumour
     psi_pre: Deformation
-    psi_post: Deformation
+    psi_post: "Chain"
     cavity_scale: float
     cavity_blood: float  # 0 CSF-like .. 1 blood-like contents
     edema_change: float  # post-op oedema relative to pre-op
@@ -261,16 +287,24 @@ def _craniotomy(hull: np.ndarray, geometry: Geometry, tumour_centre: np.ndarray,
 
 
 def _landmark_candidates(rng: np.random.Generator, afids: Landmarks, norm: np.ndarray, brain: np.ndarray,
-                         hull_depth_mm: np.ndarray, geometry: Geometry, looks: _Looks, counts: dict) -> tuple:
-    """Template points: AFIDs, cortical grey matter, deep grey matter, white matter (4x extra each,
-    so that points lost to the lesion or to a grid edge can be replaced)."""
+                         hull_depth_mm: np.ndarray, geometry: Geometry, looks: _Looks, counts: dict,
+                         lesion_centre: np.ndarray, lesion_extent_mm: float) -> tuple:
+    """Template points: AFIDs, cortical grey matter, deep grey matter, white matter and
+    peritumoral tissue within 25 mm of the cavity (4x extra each, so that points lost to the
+    lesion or to a grid edge can be replaced)."""
     t1 = norm[0]
     grey_hi = 0.5 * (looks.gm[0] + looks.wm[0])
     grey = brain & (t1 < grey_hi)
+    zyx = np.indices(brain.shape, sparse=True)
+    world = [sum(geometry.index_to_world_linear[w, a] * zyx[2 - a] for a in range(3)) + geometry.origin[w]
+             for w in range(3)]
+    from_lesion = np.sqrt(sum((world[w] - lesion_centre[w]) ** 2 for w in range(3)))
     groups = {
         "cortex": grey & (hull_depth_mm < 5.0),
         "deepgm": grey & (hull_depth_mm > 20.0),
         "wm": brain & (t1 > looks.wm[0] * 0.95) & (hull_depth_mm > 8.0),
+        # BraTS-Reg's landmarks lie around the tumour, where motion and appearance change most.
+        "near": brain & (from_lesion > lesion_extent_mm + 2.0) & (from_lesion < lesion_extent_mm + 25.0),
     }
     points, labels = [afids.points_lps_mm], [f"afid_{lab}" for lab in afids.labels]
     for name, mask in groups.items():
@@ -301,13 +335,13 @@ def make_anatomy(template: Image, afids: Landmarks, seed: int, *, brain_mask: np
     brain_mask : ndarray of bool, optional
         See :func:`combireg.synth.estimate_brain_mask`.
     landmark_counts : dict, optional
-        Dense landmarks per group (``cortex``, ``deepgm``, ``wm``); default 150, 75, 75.
+        Dense landmarks per group (``cortex``, ``deepgm``, ``wm``, ``near``); default :data:`LANDMARK_COUNTS`.
 
     Returns
     -------
     Anatomy
     """
-    counts = {"cortex": 150, "deepgm": 75, "wm": 75, **(landmark_counts or {})}
+    counts = {**LANDMARK_COUNTS, **(landmark_counts or {})}
     geom = template.geometry
     rng_shape, rng_warp, rng_points, rng_look, rng_lesion = (
         np.random.default_rng(s) for s in np.random.SeedSequence([int(seed), 12]).spawn(5))
@@ -327,26 +361,31 @@ def make_anatomy(template: Image, afids: Landmarks, seed: int, *, brain_mask: np
 
     radius = lesion.radius
     push = RadialField(centre, radius, min(2.0 * rng_warp.uniform(3.0, 8.0) / radius, 1.6))
-    pull = RadialField(centre, radius, -min(2.0 * rng_warp.uniform(3.0, 7.0) / radius, 0.5))
+    pull = RadialField(centre, radius, -min(2.0 * rng_warp.uniform(3.0, 7.0) / radius, 0.45))
+    # Resolving oedema gives back the volume it took: the peritumoral tissue contracts too.
+    edema_radius = radius + lesion.edema_width_mm
+    edema_pull = RadialField(centre, edema_radius, -min(2.0 * rng_warp.uniform(2.0, 4.0) / edema_radius, 0.2))
     inward = brain_centre - craniotomy
     inward /= np.linalg.norm(inward)
     tilt = rng_warp.normal(size=3) * 0.3
     direction = inward + tilt - inward * np.dot(tilt, inward)
     direction /= np.linalg.norm(direction)
-    brain_mask_c = _smooth_mask_with_gradient(hull, coarse_geom, 2.5)
-    shift = BrainOnly(GaussianShift(craniotomy, direction * rng_warp.uniform(8.0, 14.0),
-                                    float(rng_warp.uniform(35.0, 55.0))), brain_mask_c, coarse_geom)
+    brain_mask_c = _smooth_mask_with_gradient(hull, coarse_geom, 4.0)
+    shift = BrainOnly(GaussianShift(craniotomy, direction * rng_warp.uniform(8.0, 12.0),
+                                    float(rng_warp.uniform(30.0, 45.0))), brain_mask_c, coarse_geom)
     # The brain also moves inside the skull away from the craniotomy (CSF drainage, sagging).
     cortex = BrainOnly(_bounded_fourier(rng_warp, rng_warp.uniform(2.5, 4.0), (25.0, 60.0), max_gradient=0.35),
                        brain_mask_c, coarse_geom)
-    gyral = _bounded_fourier(rng_warp, rng_warp.uniform(1.5, 2.5), (10.0, 25.0), max_gradient=0.4)
+    # Local tissue motion at the scale of gyri, composed first (see Chain): what a smooth
+    # registration cannot fully recover between image edges.
+    gyral = _bounded_fourier(rng_warp, rng_warp.uniform(2.5, 3.5), (12.0, 30.0), max_gradient=0.6)
     noise_pre = _bounded_fourier(rng_warp, rng_warp.uniform(1.0, 2.5), (50.0, 150.0), max_gradient=0.15)
     noise_post = _bounded_fourier(rng_warp, rng_warp.uniform(1.0, 2.5), (50.0, 150.0), max_gradient=0.15)
     angles = rng_warp.uniform(-4.0, 4.0, size=3)
     translation = rng_warp.uniform(-4.0, 4.0, size=3)
     rigid = Rigid(rotation_matrix(angles), brain_centre, translation)
     psi_pre = Deformation((push, noise_pre))
-    psi_post = Deformation((pull, shift, cortex, gyral, noise_post), rigid)
+    psi_post = Chain(Deformation((gyral,)), Deformation((pull, edema_pull, shift, cortex, noise_post), rigid))
 
     cavity_scale = float(rng_lesion.uniform(1.0, 1.3))
     cavity_blood = float(rng_lesion.choice([0.0, 1.0, rng_lesion.uniform(0.3, 0.7)]))
@@ -355,16 +394,17 @@ def make_anatomy(template: Image, afids: Landmarks, seed: int, *, brain_mask: np
     appearance_pre = _Appearance(
         bias=FourierField.random(rng_look, max_amplitude=rng_look.uniform(0.03, 0.1), wavelength_mm=(200.0, 400.0),
                                  n_components=1),
-        gamma=np.ones(3), noise_sigma=float(rng_look.uniform(4.0, 10.0)))
+        gamma=np.ones(3), noise_sigma=float(rng_look.uniform(15.0, 30.0)))
     appearance_post = _Appearance(
         bias=FourierField.random(rng_look, max_amplitude=rng_look.uniform(0.1, 0.25), wavelength_mm=(150.0, 400.0),
                                  n_components=1),
-        gamma=rng_look.uniform(0.75, 1.3, size=3), noise_sigma=float(rng_look.uniform(10.0, 20.0)))
+        gamma=rng_look.uniform(0.75, 1.3, size=3), noise_sigma=float(rng_look.uniform(25.0, 50.0)))
 
     # Landmark candidates need the hull depth at full resolution: nearest-neighbour up-sampling
     # of the coarse map is accurate to the 2 mm it was computed at, plenty for 5/8/20 mm bands.
     hull_depth = _sample([hull_depth_c], coarse_geom, geom.world_grid().reshape(-1, 3))[0].reshape(geom.shape)
-    points, labels = _landmark_candidates(rng_points, afids, norm, brain, hull_depth, geom, looks, counts)
+    points, labels = _landmark_candidates(rng_points, afids, norm, brain, hull_depth, geom, looks, counts, centre,
+                                          lesion.max_extent_mm * cavity_scale)
     info = {
         "seed": int(seed),
         "tumour": {"centre_template_lps_mm": centre.tolist(), "radius_mm": radius,
@@ -374,6 +414,7 @@ def make_anatomy(template: Image, afids: Landmarks, seed: int, *, brain_mask: np
         "air_pocket_radius_mm": air_radius,
         "mass_effect_peak_mm": push.peak_mm,
         "collapse_peak_mm": pull.peak_mm,
+        "edema_resolution_peak_mm": edema_pull.peak_mm,
         "brain_shift_mm": float(np.linalg.norm(shift.inner.vector)),
         "brain_shift_sigma_mm": shift.inner.sigma,
         "cortical_field_max_mm": cortex.inner.max_amplitude,
@@ -528,7 +569,7 @@ def _write_variant(directory: Path, variant: str, source: tuple, target: tuple, 
             "source_geometry": source[1].to_dict(), "target_geometry": target[1].to_dict(),
             "landmarks": {"total": len(src_lm),
                           "groups": {g: sum(1 for lab in src_lm.labels if lab.startswith(g + "_"))
-                                     for g in ("afid", "cortex", "deepgm", "wm")},
+                                     for g in ("afid", *LANDMARK_COUNTS)},
                           "initial_tre_mm": {"mean": float(distance.mean()),
                                              "p95": float(np.percentile(distance, 95)),
                                              "max": float(distance.max())}},
@@ -567,7 +608,7 @@ def simulate_variants(anatomy: Anatomy, out_dir: Path, variants=VARIANTS, *,
     list of str
         The case ids written.
     """
-    counts = {"cortex": 150, "deepgm": 75, "wm": 75, **(landmark_counts or {})}
+    counts = {**LANDMARK_COUNTS, **(landmark_counts or {})}
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise CombiregError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
