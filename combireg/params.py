@@ -91,8 +91,16 @@ SCHEMA: tuple[KeySpec, ...] = (
         minimum=0.0,
     ),
     KeySpec(
-        "NCCWindowSize", "int", "per-level", ("5", "5", "7"),
-        "Side length in voxels of the cubic local NCC window, odd and >= 3, per resolution.",
+        "NCCWindowWidth", "float", "per-level", ("40", "20", "14"),
+        "Width in mm of the local NCC window along every axis, > 0, per resolution: on each axis the "
+        "window spans the odd number (>= 3) of that level's voxels closest to it. Used unless "
+        "NCCWindowSize is given (not both).",
+        minimum=0.0, minimum_exclusive=True,
+    ),
+    KeySpec(
+        "NCCWindowSize", "int", "per-level", None,
+        "Side length in voxels of the cubic local NCC window, odd and >= 3, per resolution (elastix-style, "
+        "in voxels of each level; instead of NCCWindowWidth).",
         minimum=3, odd=True,
     ),
     KeySpec(
@@ -112,10 +120,19 @@ SCHEMA: tuple[KeySpec, ...] = (
         minimum=1,
     ),
     KeySpec(
+        "PyramidSpacing", "float", "per-level", ("8", "4", "2"),
+        "Grid spacing in mm of each level, coarsest first (NumberOfResolutions values, non-increasing, > 0): "
+        "on each axis the level keeps the image's spacing times max(1, PyramidSpacing / that spacing), so "
+        "no level is finer than the image along an axis (a thick-slice axis is not shrunk further) and the "
+        "field is optimised on the last level's grid and up-sampled. Used unless ImagePyramidSchedule is "
+        "given (not both).",
+        minimum=0.0, minimum_exclusive=True,
+    ),
+    KeySpec(
         "ImagePyramidSchedule", "int", "xyz-per-level", None,
-        "Shrink factors x y z for each level, coarsest first (3 * NumberOfResolutions values, "
-        "non-increasing; default halves per level down to 2 2 2: the field is optimised at half "
-        "resolution and up-sampled, which keeps 1 mm brains fast at sub-millimetre TRE).",
+        "Shrink factors x y z in voxels for each level, coarsest first (3 * NumberOfResolutions values, "
+        "non-increasing; elastix's meaning, instead of PyramidSpacing); the last level need not be 1 1 1 "
+        "(the field is then optimised on a coarser grid and up-sampled).",
         minimum=1,
     ),
     KeySpec(
@@ -290,9 +307,11 @@ class Settings:
 
     metrics: tuple[str, ...]
     metric_weights: tuple[float, ...]
+    #: NCC window per level in voxels (NCCWindowSize); empty when ``ncc_window_mm`` rules.
     ncc_window: tuple[int, ...]
     regularization_weight: tuple[float, ...]
     num_levels: int
+    #: Shrink factors x y z per level in voxels (ImagePyramidSchedule); empty when ``pyramid_spacing`` rules.
     pyramid_schedule: tuple[tuple[int, int, int], ...]
     iterations: tuple[int, ...]
     learning_rate: tuple[float, ...]
@@ -327,11 +346,17 @@ class Settings:
         pm: ParamMap = {"Metric": tuple(self.metrics)}
         for i, weight in enumerate(self.metric_weights):
             pm[_weight_key(i)] = (_fmt_float(weight),)
-        pm["NCCWindowSize"] = tuple(str(int(v)) for v in self.ncc_window)
+        if self.ncc_window_mm:
+            pm["NCCWindowWidth"] = tuple(_fmt_float(v) for v in self.ncc_window_mm)
+        else:
+            pm["NCCWindowSize"] = tuple(str(int(v)) for v in self.ncc_window)
         pm["NumberOfHistogramBins"] = tuple(str(int(v)) for v in self.histogram_bins)
         pm["RegularizationWeight"] = tuple(_fmt_float(v) for v in self.regularization_weight)
         pm["NumberOfResolutions"] = (str(int(self.num_levels)),)
-        pm["ImagePyramidSchedule"] = tuple(str(int(f)) for lvl in self.pyramid_schedule for f in lvl)
+        if self.pyramid_spacing:
+            pm["PyramidSpacing"] = tuple(_fmt_float(v) for v in self.pyramid_spacing)
+        else:
+            pm["ImagePyramidSchedule"] = tuple(str(int(f)) for lvl in self.pyramid_schedule for f in lvl)
         pm["MaximumNumberOfIterations"] = tuple(str(int(v)) for v in self.iterations)
         pm["LearningRate"] = tuple(_fmt_float(v) for v in self.learning_rate)
         pm["Optimizer"] = (self.optimizer,)
@@ -358,8 +383,10 @@ class Settings:
 
         Per-level tuples shorter than ``num_levels`` are filled by the first-value fallback.
         When ``num_levels`` changes, per-level fields not given are cut to the new number of
-        levels (and filled by the fallback), and an unspecified ``pyramid_schedule`` becomes
-        the default schedule for that many levels. When ``metrics`` changes without
+        levels (and filled by the fallback), and an unspecified pyramid becomes the default
+        for that many levels. A pyramid or NCC window given in voxels (``pyramid_schedule``,
+        ``ncc_window``) replaces the one in mm (``pyramid_spacing``, ``ncc_window_mm``) and vice
+        versa. When ``metrics`` changes without
         ``metric_weights``, the weights become equal.
 
         Raises
@@ -367,6 +394,12 @@ class Settings:
         CombiregError
             If the result is not valid (message prefixed with ``Settings.replace``).
         """
+        # A pyramid or NCC window given one way replaces the other way of giving it.
+        for voxels, mm in (("pyramid_schedule", "pyramid_spacing"), ("ncc_window", "ncc_window_mm")):
+            if voxels in changes and mm not in changes:
+                changes = {**changes, mm: ()}
+            elif mm in changes and voxels not in changes:
+                changes = {**changes, voxels: ()}
         changed = dataclasses.replace(self, **changes)
         pm = changed.to_parameter_map()
         if changed.num_levels != self.num_levels:
@@ -381,7 +414,6 @@ class Settings:
 
 # Field name in Settings -> key in a parameter file, for per-level fields.
 _PER_LEVEL_FIELDS = {
-    "ncc_window": "NCCWindowSize",
     "histogram_bins": "NumberOfHistogramBins",
     "regularization_weight": "RegularizationWeight",
     "iterations": "MaximumNumberOfIterations",
@@ -391,11 +423,13 @@ _PER_LEVEL_FIELDS = {
 
 def _refit_levels(pm: ParamMap, num_levels: int, given: Mapping[str, object]) -> None:
     """Adapt per-level entries the caller did not set to a new number of levels, in place."""
-    for name, key in _PER_LEVEL_FIELDS.items():
-        if name not in given:
+    for name, key in {**_PER_LEVEL_FIELDS, "ncc_window": "NCCWindowSize", "ncc_window_mm": "NCCWindowWidth"}.items():
+        if name not in given and key in pm:
             pm[key] = pm[key][:num_levels]
     if "pyramid_schedule" not in given:
-        del pm["ImagePyramidSchedule"]
+        pm.pop("ImagePyramidSchedule", None)
+    if "pyramid_spacing" not in given:
+        pm.pop("PyramidSpacing", None)
 
 
 def _fmt_float(value: float) -> str:
@@ -445,6 +479,41 @@ def _schedule(checked: CheckedMap, num_levels: int, levels_note: str) -> tuple[t
                 "(levels go coarse to fine; factors must not increase)",
             )
     return levels
+
+
+def _pyramid(checked: CheckedMap, num_levels: int, levels_note: str) -> dict:
+    """``pyramid_schedule`` (voxels) and ``pyramid_spacing`` (mm; empty when the schedule rules)."""
+    key = "PyramidSpacing"
+    if checked.given("ImagePyramidSchedule"):
+        if checked.given(key):
+            raise checked.error(key, "give the pyramid either in mm (PyramidSpacing) or in voxels "
+                                     f"(ImagePyramidSchedule{checked.line_note('ImagePyramidSchedule')}), not both")
+        return {"pyramid_schedule": _schedule(checked, num_levels, levels_note), "pyramid_spacing": ()}
+    if checked.given(key):
+        spacing = checked.typed[key]
+        if len(spacing) != num_levels:
+            raise checked.error(key, f"{key} expects {num_levels} value{'s' if num_levels != 1 else ''} (one per "
+                                     f"resolution, coarsest first; NumberOfResolutions is {num_levels}{levels_note}), "
+                                     f"got {len(spacing)}")
+        for lvl in range(1, num_levels):
+            if spacing[lvl] > spacing[lvl - 1]:
+                raise checked.error(key, f"{key}: level {lvl} ({spacing[lvl]:g} mm) is coarser than level {lvl - 1} "
+                                         f"({spacing[lvl - 1]:g} mm); levels go coarse to fine")
+    else:
+        # The default halves per level down to 2 mm (for three levels: 8, 4, 2).
+        spacing = tuple(float(2 ** (num_levels - lvl)) for lvl in range(num_levels))
+    return {"pyramid_schedule": (), "pyramid_spacing": tuple(float(v) for v in spacing)}
+
+
+def _ncc_windows(checked: CheckedMap, num_levels: int, levels_note: str) -> dict:
+    """``ncc_window`` (voxels) and ``ncc_window_mm`` (mm; empty when the voxel sizes rule)."""
+    if checked.given("NCCWindowSize"):
+        if checked.given("NCCWindowWidth"):
+            raise checked.error("NCCWindowWidth", "give the NCC window either in mm (NCCWindowWidth) or in voxels "
+                                                  f"(NCCWindowSize{checked.line_note('NCCWindowSize')}), not both")
+        return {"ncc_window": _per_level("NCCWindowSize", checked, num_levels, levels_note), "ncc_window_mm": ()}
+    widths = _per_level("NCCWindowWidth", checked, num_levels, levels_note)
+    return {"ncc_window": (), "ncc_window_mm": tuple(float(w) for w in widths)}
 
 
 def _metric_weights(checked: CheckedMap, metrics: tuple[str, ...]) -> tuple[float, ...]:
@@ -532,7 +601,8 @@ def settings_from_map(pm: Mapping[str, Sequence[str]], *, source: str | None = N
         metrics=metrics,
         metric_weights=weights,
         num_levels=num_levels,
-        pyramid_schedule=_schedule(checked, num_levels, levels_note),
+        **_pyramid(checked, num_levels, levels_note),
+        **_ncc_windows(checked, num_levels, levels_note),
         optimizer=checked.single("Optimizer"),
         bidirectional=checked.single("Bidirectional"),
         inverse_consistency_weight=checked.single("InverseConsistencyWeight"),
@@ -741,6 +811,12 @@ class TrainingSettings:
         CombiregError
             If the result is not valid (message prefixed with ``TrainingSettings.replace``).
         """
+        # A pyramid or NCC window given one way replaces the other way of giving it.
+        for voxels, mm in (("pyramid_schedule", "pyramid_spacing"), ("ncc_window", "ncc_window_mm")):
+            if voxels in changes and mm not in changes:
+                changes = {**changes, mm: ()}
+            elif mm in changes and voxels not in changes:
+                changes = {**changes, voxels: ()}
         changed = dataclasses.replace(self, **changes)
         pm = changed.to_parameter_map()
         if changed.metrics != self.metrics and "metric_weights" not in changes:

@@ -527,7 +527,8 @@ def _n4_channel(channel: Image, k: int, user_mask: np.ndarray | None, small_geom
 def prealign(source: Image, target: Image, kind: str = "rigid", *, source_mask: Image | None = None,
              target_mask: Image | None = None, metric: str = "mi", resolutions: int = 4,
              iterations: int = 256, samples: int = 2048, initialization: str = "CenterOfGravity",
-             seed: int = 121212, elastix_parameters: dict | None = None) -> np.ndarray:
+             seed: int = 121212, elastix_parameters: dict | None = None,
+             working_spacing_mm: float | None = None) -> np.ndarray:
     """Rigid or affine registration of ``source`` to ``target`` with itk-elastix.
 
     Parameters
@@ -555,6 +556,11 @@ def prealign(source: Image, target: Image, kind: str = "rigid", *, source_mask: 
     elastix_parameters : dict, optional
         Further elastix parameters, ``{key: [value, ...]}`` (strings), applied last; for
         settings this signature does not name.
+    working_spacing_mm : float, optional
+        Run elastix on copies smoothed and shrunk to at least this spacing along every axis
+        (masks by nearest neighbour). Why: elastix builds its smoothing pyramid at the input's
+        resolution, which dominated the time of a 1 mm rigid alignment (12 s of it), while a
+        rigid or affine map is determined to a fraction of a millimetre by 3 mm images.
 
     Returns
     -------
@@ -580,6 +586,9 @@ def prealign(source: Image, target: Image, kind: str = "rigid", *, source_mask: 
         raise CombiregError(f"unknown initialisation {initialization!r} (use {', '.join(_PREALIGN_INITIALISATIONS)})")
     if resolutions < 1 or iterations < 1 or samples < 1:
         raise ValueError("resolutions, iterations and samples must be positive")
+    if working_spacing_mm is not None:
+        source, source_mask = _coarse_copy(source, source_mask, working_spacing_mm)
+        target, target_mask = _coarse_copy(target, target_mask, working_spacing_mm)
     source_inside = _mask_array(source_mask, source.geometry, "source")
     target_inside = _mask_array(target_mask, target.geometry, "target")
     itk = _itk()
@@ -616,6 +625,20 @@ def prealign(source: Image, target: Image, kind: str = "rigid", *, source_mask: 
         matrix = _matrix_of_transform(transform, target.geometry)
     log.info("pre-alignment (%s): target -> source matrix\n%s", kind, np.array2string(matrix, precision=4))
     return matrix
+
+
+def _coarse_copy(image: Image, mask: Image | None, spacing_mm: float) -> tuple[Image, Image | None]:
+    """``image`` (first channel) smoothed and shrunk to at least ``spacing_mm`` per axis, as a
+    pyramid level (same field of view; Gaussian of half a factor, see :func:`smooth_and_resize`),
+    and its mask by nearest neighbour on the same grid."""
+    from .filters import smooth_and_resize
+
+    factors = [max(1.0, spacing_mm / s) for s in image.geometry.spacing]
+    geometry = image.geometry.shrink(factors)
+    sigma_zyx = [0.5 * f if f > 1 else 0.0 for f in reversed(factors)]
+    data = smooth_and_resize(image.data[:1].detach().to(torch.float32)[None], sigma_zyx, geometry.shape)[0]
+    coarse_mask = None if mask is None else resample_image(mask, geometry, mode="nearest")
+    return Image(data, geometry), coarse_mask
 
 
 def _matrix_of_transform(transform, geometry: Geometry) -> np.ndarray:

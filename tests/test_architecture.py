@@ -29,7 +29,7 @@ LAYERS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
                         "combireg.filters", "combireg.device")),
     (2, "formats and settings", ("combireg.io", "combireg.paramfile", "combireg.params", "combireg.outputs",
                                  "combireg.landmarks", "combireg.cases")),
-    (3, "engine", ("combireg.losses", "combireg.warp", "combireg.pyramid", "combireg.optimize")),
+    (3, "engine", ("combireg.losses", "combireg.warp", "combireg.pyramid", "combireg.optimize", "combireg.quality")),
     (4, "tools around the engine", ("combireg.elastix_driver", "combireg.preprocess", "combireg.network",
                                     "combireg.deformations", "combireg.template", "combireg.synth",
                                     "combireg.synth_varied")),

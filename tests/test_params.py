@@ -132,21 +132,25 @@ def test_fallback_full_list_is_kept():
 def test_defaults_follow_number_of_levels():
     one = _settings("(NumberOfResolutions 1)")
     assert one.iterations == (150,)
-    assert one.pyramid_schedule == ((2, 2, 2),)
+    assert one.pyramid_spacing == (2.0,) and one.pyramid_schedule == ()
     four = _settings("(NumberOfResolutions 4)")
     assert four.iterations == (150, 80, 30, 150)
-    assert four.pyramid_schedule == ((16, 16, 16), (8, 8, 8), (4, 4, 4), (2, 2, 2))
-    assert four.ncc_window == (5, 5, 7, 5)
+    assert four.pyramid_spacing == (16.0, 8.0, 4.0, 2.0)
+    assert four.ncc_window_mm == (40.0, 20.0, 14.0, 40.0) and four.ncc_window == ()
+    voxels = _settings("(NumberOfResolutions 4)\n(ImagePyramidSchedule 16 16 16 8 8 8 4 4 4 2 2 2)\n"
+                       "(NCCWindowSize 5 5 7)")
+    assert voxels.pyramid_schedule == ((16, 16, 16), (8, 8, 8), (4, 4, 4), (2, 2, 2)) and voxels.pyramid_spacing == ()
+    assert voxels.ncc_window == (5, 5, 7, 5) and voxels.ncc_window_mm == ()
 
 
 def test_default_settings_values():
     s = default_settings()
     assert s.metrics == ("MSE", "NCC")
     assert s.metric_weights == (0.5, 0.5)
-    assert s.ncc_window == (5, 5, 7)
+    assert s.ncc_window_mm == (40.0, 20.0, 14.0) and s.ncc_window == ()
     assert s.regularization_weight == (0.3, 0.3, 0.1)
     assert s.num_levels == 3
-    assert s.pyramid_schedule == ((8, 8, 8), (4, 4, 4), (2, 2, 2))
+    assert s.pyramid_spacing == (8.0, 4.0, 2.0) and s.pyramid_schedule == ()
     assert s.iterations == (150, 80, 30)
     assert s.learning_rate == (0.02, 0.01, 0.005)
     assert s.optimizer == "Adam"
@@ -392,15 +396,15 @@ def test_source_does_not_take_part_in_equality():
 def test_default_parameter_map_lists_every_key():
     pm = default_parameter_map()
     assert list(pm) == [
-        "Metric", "Metric0Weight", "Metric1Weight", "NCCWindowSize", "NumberOfHistogramBins", "RegularizationWeight",
-        "NumberOfResolutions", "ImagePyramidSchedule", "MaximumNumberOfIterations",
+        "Metric", "Metric0Weight", "Metric1Weight", "NCCWindowWidth", "NumberOfHistogramBins", "RegularizationWeight",
+        "NumberOfResolutions", "PyramidSpacing", "MaximumNumberOfIterations",
         "LearningRate", "Optimizer", "Bidirectional", "InverseConsistencyWeight", "MetricWeighting",
         "MetricWeightingInterval", "CorrespondenceWeighting", "CorrespondenceErrorScale", "CorrespondenceSmoothing",
         "CorrespondenceMaximumExclusion", "CorrespondenceUpdateInterval", "PreAlignment",
         "BiasFieldCorrection", "WorkingSpacing", "WorkingOrientation", "Seed",
         "NormalizationPercentiles", "NumberOfThreads",
     ]
-    assert pm["ImagePyramidSchedule"] == ("8", "8", "8", "4", "4", "4", "2", "2", "2")
+    assert pm["PyramidSpacing"] == ("8.0", "4.0", "2.0")
     assert pm["Bidirectional"] == ("false",)
     assert pm["MetricWeighting"] == ("fixed",) and pm["CorrespondenceWeighting"] == ("false",)
 
@@ -427,10 +431,13 @@ def test_replace_validates_and_applies_fallback():
 
 def test_replace_refits_levels_and_weights():
     s = default_settings().replace(num_levels=4)
-    assert s.pyramid_schedule == ((16, 16, 16), (8, 8, 8), (4, 4, 4), (2, 2, 2))
+    assert s.pyramid_spacing == (16.0, 8.0, 4.0, 2.0)
     assert s.iterations == (150, 80, 30, 150)
     one = default_settings().replace(num_levels=1, iterations=(30,))
-    assert one.iterations == (30,) and one.ncc_window == (5,) and one.pyramid_schedule == ((2, 2, 2),)
+    assert one.iterations == (30,) and one.ncc_window_mm == (40.0,) and one.pyramid_spacing == (2.0,)
+    voxels = default_settings().replace(num_levels=1, pyramid_schedule=((2, 2, 2),), ncc_window=(5,))
+    assert voxels.pyramid_schedule == ((2, 2, 2),) and voxels.pyramid_spacing == ()
+    assert voxels.ncc_window == (5,) and voxels.ncc_window_mm == ()
     assert default_settings().replace(metrics=("NCC",)).metric_weights == (1.0,)
 
 
@@ -546,3 +553,30 @@ def test_cli_check_missing_file_exits_2(cli, tmp_path):
     result = _invoke(cli, "params", "check", str(path))
     assert result.exit_code == 2
     assert result.stderr == f"combireg: error: {path}: no such file\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Pyramid and NCC window in mm (PyramidSpacing, NCCWindowWidth) or voxels
+# --------------------------------------------------------------------------------------------
+
+
+def test_mm_pyramid_and_window_are_read():
+    s = _settings("(NumberOfResolutions 2)\n(PyramidSpacing 6 3)\n(NCCWindowWidth 30 9)")
+    assert s.pyramid_spacing == (6.0, 3.0) and s.pyramid_schedule == ()
+    assert s.ncc_window_mm == (30.0, 9.0) and s.ncc_window == ()
+    assert settings_from_map(parse_text(format_parameter_map(s.to_parameter_map()))) == s
+
+
+@pytest.mark.parametrize("text, message", [
+    ("(PyramidSpacing 8 4 2)\n(ImagePyramidSchedule 8 8 8 4 4 4 2 2 2)", r":1: give the pyramid either in mm"),
+    ("(NCCWindowSize 5 5 7)\n(NCCWindowWidth 40 20 14)", r":2: give the NCC window either in mm"),
+    ("(NumberOfResolutions 3)\n(PyramidSpacing 8 4)", r":2: PyramidSpacing expects 3 values"),
+    ("(NumberOfResolutions 2)\n(PyramidSpacing 4 8)", r":2: PyramidSpacing: level 1 \(8 mm\) is coarser"),
+    ("(PyramidSpacing 8 0 2)", r":1: PyramidSpacing expects a number > 0"),
+    ("(NCCWindowWidth -3)", r":1: NCCWindowWidth expects a number > 0"),
+])
+def test_mm_pyramid_and_window_errors(tmp_path, text, message):
+    path = tmp_path / "p.txt"
+    path.write_text(text + "\n")
+    with pytest.raises(CombiregError, match=message):
+        load_settings(path)
