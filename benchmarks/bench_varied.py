@@ -191,6 +191,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rerun", action="store_true", help="run finished cells again")
     parser.add_argument("--max-load", type=float, default=None, help="wait for this 1-minute load first")
     parser.add_argument("--keep-outputs", action="store_true", help="keep warped images and inverse fields")
+    parser.add_argument("--tables-only", action="store_true", help="write the tables of the results so far, run nothing")
     args = parser.parse_args(argv)
     if combireg_cli() is None:
         raise SystemExit("the combireg console script is not installed (pip install -e .)")
@@ -207,7 +208,8 @@ def main(argv=None) -> int:
     for case in cases:
         for name, words in methods.items():
             key = (case["id"], name)
-            if key in rows and not args.rerun and rows[key].get("words") == shlex.join(words) and "tre" in rows[key]:
+            if args.tables_only or (key in rows and not args.rerun and rows[key].get("words") == shlex.join(words)
+                                    and "tre" in rows[key]):
                 continue
             row = run_cell(case, name, words, args.out, args.max_load, args.keep_outputs)
             rows[key] = row

@@ -1,6 +1,7 @@
 """``combireg.register``: the one-call Python API, and its :class:`Result`."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform
@@ -352,9 +353,12 @@ def register(source: ImageLike, target: ImageLike, params: Settings | ParamMap |
         if init.channels != target_img.num_channels:
             raise CombiregError(f"the images have {target_img.num_channels} channel(s) but the DRN model "
                                 f"{init.path or ''} was trained on {init.channels}")
-    if init is not None and settings.pre_alignment != "none":
-        raise CombiregError(f"PreAlignment {settings.pre_alignment!r} and an initial field both given; the initial "
-                            f"field already says where the source lies (use PreAlignment \"none\")")
+    skipped_prealignment = None
+    if init is not None and not is_model_init(init) and settings.pre_alignment != "none":
+        # An initial field already says where the source lies; aligning first would count it twice.
+        log.info("PreAlignment %r skipped: an initial field was given", settings.pre_alignment)
+        skipped_prealignment = settings.pre_alignment
+        settings = dataclasses.replace(settings, pre_alignment="none")
     needed = estimate_memory_bytes(working_geometry(target_img.geometry, settings), source_img.geometry,
                                    target_img.num_channels, settings)
     limit = available_memory_bytes() if max_memory_bytes is None else int(max_memory_bytes)
@@ -365,7 +369,14 @@ def register(source: ImageLike, target: ImageLike, params: Settings | ParamMap |
     if settings.num_threads > 0:
         torch.set_num_threads(settings.num_threads)
     prepared = _prepare(source_img, target_img, source_mask_img, target_mask_img, settings, device)
-    init_f, init_b, init_note = _init_fields(init, source_img, target_img, prepared.geometry, settings, device)
+    drn_source = source_img
+    if is_model_init(init) and prepared.affine is not None:
+        # The DRN sees the source after the pre-alignment (on the target grid), so it predicts
+        # the deformable remainder, which is what the optimisation continues from.
+        drn_source = warp_image(source_img, target_img.geometry, affine_displacement(prepared.affine, target_img.geometry))
+    init_f, init_b, init_note = _init_fields(init, drn_source, target_img, prepared.geometry, settings, device)
+    if skipped_prealignment is not None:
+        init_note["pre_alignment_skipped"] = skipped_prealignment
     t_prep = time.perf_counter() - start
 
     fields = optimise_fields(prepared.source, prepared.target, prepared.geometry, settings,

@@ -248,8 +248,12 @@ def test_prealignment_is_composed_into_one_field():
     mapped = points + sample_displacement(res.displacement_lps_mm, geometry, points)
     back = mapped + sample_displacement(res.inverse_displacement_lps_mm, res.source_geometry, mapped)
     assert np.linalg.norm(back - points, axis=-1).mean() < 0.3
-    with pytest.raises(CombiregError, match="PreAlignment"):
-        register(source, target, s, init=(truth, geometry))
+    # An initial field already says where the source lies: the pre-alignment is skipped, not
+    # applied on top of it (the default pre-aligns, and --init FIELD must keep working with it).
+    started = register(source, target, s.replace(iterations=(0, 0)), init=(truth, geometry))
+    assert started.report["init"]["pre_alignment_skipped"] == "rigid"
+    assert "affine_target_to_source_lps_mm" not in started.report["preprocessing"]
+    assert np.linalg.norm(started.displacement_lps_mm - truth, axis=-1)[near].mean() < 0.3
 
 
 def test_working_grid_result_is_on_the_target_grid(problem):
