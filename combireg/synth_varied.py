@@ -321,7 +321,7 @@ def _landmark_candidates(rng: np.random.Generator, afids: Landmarks, norm: np.nd
 
 
 def make_anatomy(template: Image, afids: Landmarks, seed: int, *, brain_mask: np.ndarray | None = None,
-                 landmark_counts: dict | None = None) -> Anatomy:
+                 landmark_counts: dict | None = None, landmarks: bool = True) -> Anatomy:
     """Draw one harder pre-/post-operative anatomy from the template (see the module docstring).
 
     Parameters
@@ -336,6 +336,8 @@ def make_anatomy(template: Image, afids: Landmarks, seed: int, *, brain_mask: np
         See :func:`combireg.synth.estimate_brain_mask`.
     landmark_counts : dict, optional
         Dense landmarks per group (``cortex``, ``deepgm``, ``wm``, ``near``); default :data:`LANDMARK_COUNTS`.
+    landmarks : bool
+        Draw landmark candidates (False for training pairs, which need none: saves a few seconds).
 
     Returns
     -------
@@ -402,9 +404,11 @@ def make_anatomy(template: Image, afids: Landmarks, seed: int, *, brain_mask: np
 
     # Landmark candidates need the hull depth at full resolution: nearest-neighbour up-sampling
     # of the coarse map is accurate to the 2 mm it was computed at, plenty for 5/8/20 mm bands.
-    hull_depth = _sample([hull_depth_c], coarse_geom, geom.world_grid().reshape(-1, 3))[0].reshape(geom.shape)
-    points, labels = _landmark_candidates(rng_points, afids, norm, brain, hull_depth, geom, looks, counts, centre,
-                                          lesion.max_extent_mm * cavity_scale)
+    points, labels = np.zeros((0, 3)), ()
+    if landmarks:
+        hull_depth = _sample([hull_depth_c], coarse_geom, geom.world_grid().reshape(-1, 3))[0].reshape(geom.shape)
+        points, labels = _landmark_candidates(rng_points, afids, norm, brain, hull_depth, geom, looks, counts,
+                                              centre, lesion.max_extent_mm * cavity_scale)
     info = {
         "seed": int(seed),
         "tumour": {"centre_template_lps_mm": centre.tolist(), "radius_mm": radius,
@@ -706,6 +710,27 @@ def simulate_variants(anatomy: Anatomy, out_dir: Path, variants=VARIANTS, *,
                        (_acquired(anatomy, target_img, oblique, True, 5), oblique), landmarks(anatomy.psi_pre), gt, info)
         done("oblique")
     return written
+
+
+def training_pair(anatomy: Anatomy, spacing: float) -> tuple[Image, Image]:
+    """One (source, target) T1+T2 pair of ``anatomy`` at ``spacing`` mm, for DRN training.
+
+    Half the pairs (by the seed) get the ``pose`` variant's large rigid difference, so a network
+    sees both the residual after a pre-alignment and a posed start. Noise, bias and contrast as
+    in the benchmark; no landmarks or ground truth.
+    """
+    import torch
+
+    grid = _resampled_geometry(anatomy.template_geometry, float(spacing))
+    rng = np.random.default_rng(np.random.SeedSequence([anatomy.seed, 55]))
+    psi_source = anatomy.psi_pre
+    if rng.random() < 0.5:
+        psi_source = _with_rigid(psi_source, _pose_rigid(rng, anatomy.brain_centre)[0])
+    source, _ = _render(anatomy, grid, psi_source, postop=False)
+    target, _ = _render(anatomy, grid, anatomy.psi_post, postop=True)
+    source = _acquired(anatomy, source, grid, False, 6)[:2]
+    target = _acquired(anatomy, target, grid, True, 6)[:2]
+    return Image(torch.from_numpy(source), grid), Image(torch.from_numpy(target), grid)
 
 
 def generate_varied_set(out_dir: str | os.PathLike, seeds, *, variants=VARIANTS, overwrite: bool = False,

@@ -166,8 +166,11 @@ def manifest_data(manifest: str | os.PathLike, settings: TrainingSettings, *,
 
 def synth_data(n: int, settings: TrainingSettings, *, seed: int = SYNTH_SEED, spacing: float = 3.0,
                template=None, cache_dir: str | os.PathLike | None = None, template_cache=None,
-               progress: Callable[[str], None] | None = None) -> TrainingData:
-    """``n`` pairs simulated by :func:`combireg.synth.simulate_case` (seeds ``seed .. seed+n-1``).
+               progress: Callable[[str], None] | None = None, simulator: str = "basic") -> TrainingData:
+    """``n`` simulated pairs (seeds ``seed .. seed+n-1``): by :func:`combireg.synth.simulate_case`
+    (``simulator="basic"``) or from the varied benchmark's harder anatomies
+    (``simulator="varied"``, :func:`combireg.synth_varied.training_pair`: brain shift, large
+    collapse, half of them with a pose difference of 8-15 degrees and 8-15 mm).
 
     The template is smoothed to the output spacing first (Gaussian, sigma = spacing / 2) so the
     coarse simulated images are not aliased; the internal grid is coarse anyway. A simulated
@@ -193,6 +196,8 @@ def synth_data(n: int, settings: TrainingSettings, *, seed: int = SYNTH_SEED, sp
 
     if n < 1:
         raise CombiregError(f"--synth needs at least 1 pair, got {n}")
+    if simulator not in ("basic", "varied"):
+        raise CombiregError(f"unknown simulator {simulator!r} (basic or varied)")
     if not spacing > 0:
         raise CombiregError(f"synthetic spacing must be positive, got {spacing}")
     key = None
@@ -201,7 +206,8 @@ def synth_data(n: int, settings: TrainingSettings, *, seed: int = SYNTH_SEED, sp
         key = hashlib.sha256(json.dumps({
             "n": n, "seed": seed, "spacing": spacing, "internal_shape": list(settings.internal_shape),
             "percentiles": list(settings.normalization_percentiles), "combireg": __version__,
-            "template": AUTOAFIDS_SHA256}, sort_keys=True).encode()).hexdigest()[:16]
+            "template": AUTOAFIDS_SHA256, **({"simulator": simulator} if simulator != "basic" else {})},
+            sort_keys=True).encode()).hexdigest()[:16]
         cache_file = Path(cache_dir) / f"synth-{key}.pt"
         cached = _read_synth_cache(cache_file, key)
         if cached is not None:
@@ -223,15 +229,22 @@ def synth_data(n: int, settings: TrainingSettings, *, seed: int = SYNTH_SEED, sp
     loop_start = time.perf_counter()
     for i in range(n):
         case_seed = seed + i
-        case = synth.simulate_case(template_image, afids, seed=case_seed, spacing=spacing, n_tissue_points=0,
-                                   brain_mask=brain, ground_truth=False)
-        src, tgt, scale = pair_tensors(case.source, case.target, settings.internal_shape,
-                                       settings.normalization_percentiles)
+        if simulator == "varied":
+            from .synth_varied import make_anatomy, training_pair
+
+            anatomy = make_anatomy(template_image, afids, case_seed, brain_mask=brain, landmarks=False)
+            source, target = training_pair(anatomy, spacing)
+        else:
+            case = synth.simulate_case(template_image, afids, seed=case_seed, spacing=spacing, n_tissue_points=0,
+                                       brain_mask=brain, ground_truth=False)
+            source, target = case.source, case.target
+        src, tgt, scale = pair_tensors(source, target, settings.internal_shape, settings.normalization_percentiles)
         pairs.append(TrainingPair(f"synth{case_seed:05d}", src, tgt, scale))
         if progress is not None:
             progress(pairs[-1].id)
     seconds = time.perf_counter() - start
-    description = {"kind": "synth", "pairs": n, "first_seed": seed, "spacing_mm": spacing, "template": template_name,
+    description = {"kind": "synth", "simulator": simulator, "pairs": n, "first_seed": seed, "spacing_mm": spacing,
+                   "template": template_name,
                    "generation_s": round(seconds, 1),
                    "seconds_per_pair": round((time.perf_counter() - loop_start) / n, 2)}
     data = TrainingData(pairs, template_image.num_channels, settings.internal_shape,

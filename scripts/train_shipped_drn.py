@@ -67,6 +67,9 @@ def _parse(argv):
     parser.add_argument("--pairs", type=int, default=80, help="simulated pairs (default 80: 64 train, 8 val, 8 test)")
     parser.add_argument("--spacing", type=float, default=3.0, help="spacing of the simulated pairs, mm (default 3)")
     parser.add_argument("--seed", type=int, default=SYNTH_SEED, help=f"first simulation seed (default {SYNTH_SEED})")
+    parser.add_argument("--simulator", choices=("varied", "basic"), default="varied",
+                        help="varied (default): the varied benchmark's harder anatomies, half of them posed "
+                             "(combireg.synth_varied); basic: combireg synth's simulator (the model before issue 12)")
     parser.add_argument("--epochs", type=int, default=100,
                         help="epochs (default 100: about 15 min on a 2-core CPU; 0 = the file's NumberOfEpochs)")
     parser.add_argument("--learning-rate", type=float, default=5e-4,
@@ -131,7 +134,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         print(f"simulating {args.pairs} pairs at {args.spacing:g} mm (cache {args.cache}) ...", flush=True)
         data = synth_data(args.pairs, settings, seed=args.seed, spacing=args.spacing, cache_dir=args.cache,
-                          progress=lambda case_id: print(f"  {case_id}", flush=True))
+                          progress=lambda case_id: print(f"  {case_id}", flush=True), simulator=args.simulator)
         print(f"data ready in {time.perf_counter() - start:.1f} s; training {settings.epochs} epochs "
               f"({'+'.join(settings.metrics)}, lambda {settings.regularization_weight:g}, lr {settings.learning_rate:g}, "
               f"grid {' '.join(map(str, settings.internal_size))}) in {workdir}", flush=True)
