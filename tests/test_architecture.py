@@ -28,7 +28,7 @@ LAYERS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (1, "foundations", ("combireg.errors", "combireg.version", "combireg.geometry", "combireg.image",
                         "combireg.filters", "combireg.device")),
     (2, "formats and settings", ("combireg.io", "combireg.paramfile", "combireg.params", "combireg.outputs",
-                                 "combireg.landmarks", "combireg.cases")),
+                                 "combireg.landmarks", "combireg.overlap", "combireg.cases")),
     (3, "engine", ("combireg.losses", "combireg.warp", "combireg.pyramid", "combireg.optimize", "combireg.quality")),
     (4, "tools around the engine", ("combireg.elastix_driver", "combireg.preprocess", "combireg.network",
                                     "combireg.deformations", "combireg.template", "combireg.synth",
