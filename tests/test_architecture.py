@@ -32,7 +32,7 @@ LAYERS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (3, "engine", ("combireg.losses", "combireg.warp", "combireg.pyramid", "combireg.optimize", "combireg.quality")),
     (4, "tools around the engine", ("combireg.elastix_driver", "combireg.preprocess", "combireg.network",
                                     "combireg.deformations", "combireg.template", "combireg.synth",
-                                    "combireg.synth_varied")),
+                                    "combireg.synth_varied", "combireg.apply")),
     (5, "one registration", ("combireg.api", "combireg.adapters.*", "combireg.training_data", "combireg.train")),
     (6, "studies", ("combireg.executor", "combireg.methods", "combireg.summary", "combireg.evaluate",
                     "combireg.compare", "combireg.batch")),
