@@ -9,7 +9,6 @@ from click.testing import CliRunner
 from scipy import stats
 
 from combireg.cli.main import main
-from combireg.cases import read_manifest
 from combireg.errors import CombiregError
 from combireg.methods import SPEC_KEYS, parse_method
 from combireg.summary import paired_t_test, parse_comparisons, read_results
@@ -236,28 +235,7 @@ def test_paired_t_test_numbers():
     assert math.isnan(same["p_value"]) and same["ci_low"] == same["ci_high"] == 0.0
 
 
-# ------------------------------------------------------------------------------ manifests
-def test_manifest_paths_are_relative_to_the_manifest():
-    cases = read_manifest(SAMPLES / "manifest.csv")
-    assert [c.id for c in cases] == ["case0000", "case0001"]
-    assert cases[0].source == (SAMPLES / "case0000/source_t1.nii.gz", SAMPLES / "case0000/source_t2.nii.gz")
-    assert not cases[1].missing_files()
-
-
-@pytest.mark.parametrize("text,message", [
-    ("", "lacks column"),
-    ("id,source,target\nx,a,b\n", r"lacks column\(s\) target_landmarks, source_landmarks"),
-    ("id,source,target,target_landmarks,source_landmarks\n", "no cases"),
-    ("id,source,target,target_landmarks,source_landmarks\na,s,t,,l\n", "empty field"),
-    ("id,source,target,target_landmarks,source_landmarks\na,s,t,l,l\na,s,t,l,l\n", "duplicate case id"),
-    ("id,source,target,target_landmarks,source_landmarks\n../x,s,t,l,l\n", "case id"),
-])
-def test_bad_manifests(tmp_path, text, message):
-    (tmp_path / "m.csv").write_text(text)
-    with pytest.raises(CombiregError, match=message):
-        read_manifest(tmp_path / "m.csv")
-
-
+# ------------------------------------------------------------------------------ command errors
 @pytest.mark.parametrize("args,message", [
     (["MISSING", "--method", "a=PARAMS"], "no such manifest"),
     (["MANIFEST", "--method", "a=PARAMS", "--compare", "a:b"], "unknown method 'b'"),
@@ -383,8 +361,7 @@ def test_evaluate_reports_tre_near_the_lesion(tmp_path):
 
 def test_mask_exclude_lesion_masks_the_lesion_out_of_the_similarity(tmp_path, monkeypatch):
     from combireg import api, io
-    from combireg.cases import read_manifest
-    from combireg.evaluate import run_cell
+        from combireg.evaluate import run_cell
     from combireg.methods import parse_method
 
     case_dir = SAMPLES / "case0000"
