@@ -147,7 +147,7 @@ def _source_indices(geometry: Geometry, displacement: np.ndarray, field_geometry
 
 def warp_array(array: np.ndarray, geometry: Geometry, displacement: np.ndarray, field_geometry: Geometry, *,
                interpolation: str = "linear", output_geometry: Geometry | None = None,
-               name: str = "the input") -> AppliedImage:
+               name: str = "the input", require_overlap: bool = True) -> AppliedImage:
     """``OUTPUT(x) = INPUT(x + u(x))`` on the field's grid (or ``output_geometry``).
 
     Parameters
@@ -163,6 +163,8 @@ def warp_array(array: np.ndarray, geometry: Geometry, displacement: np.ndarray, 
         (edge values outside the field's grid).
     name : str
         How errors name the input.
+    require_overlap : bool
+        Raise when no point ``x + u(x)`` falls inside the input (else the result is all 0).
 
     Raises
     ------
@@ -176,7 +178,7 @@ def warp_array(array: np.ndarray, geometry: Geometry, displacement: np.ndarray, 
     index = _source_indices(out_geometry, displacement, field_geometry, geometry)
     size = np.asarray(geometry.size, dtype=np.float64)
     inside = np.all((index >= -0.5) & (index <= size - 0.5), axis=1)
-    if not inside.any():
+    if require_overlap and not inside.any():
         raise CombiregError(f"{name} does not overlap the field's extent: no point x + u(x) of the field's grid "
                             f"falls inside it (field.nii.gz carries source-space inputs onto the target grid, "
                             f"field_inverse.nii.gz target-space ones onto the source grid)")

@@ -95,6 +95,9 @@ class Case:
     landmark_space : {"lps", "ras", "index"} or None
         The layout's own landmark coordinate system (Learn2Reg keypoints: ``index``); None:
         as the files declare, else the caller's ``landmark_space``.
+    landmarks_by_order : bool
+        The layout pairs the landmark files row by row (Learn2Reg keypoints): they are
+        matched by order without the warning unlabelled files get.
     """
 
     id: str
@@ -108,6 +111,7 @@ class Case:
     target_mask: Path | None = None
     source_mask: Path | None = None
     landmark_space: str | None = None
+    landmarks_by_order: bool = False
 
     @property
     def has_landmarks(self) -> bool:
@@ -387,7 +391,7 @@ def read_learn2reg(path: str | os.PathLike, *, pairs: str | None = None) -> list
         case_id = "-".join(_stem(p).removeprefix(prefix) for p in (fixed, moving))
         cases.append(Case(case_id, (s_img,), (t_img,), t_kp if keypoints else None, s_kp if keypoints else None,
                           target_labels=t_lab if labels else None, source_labels=s_lab if labels else None,
-                          target_mask=t_mask, source_mask=s_mask, landmark_space="index"))
+                          target_mask=t_mask, source_mask=s_mask, landmark_space="index", landmarks_by_order=True))
     return _check_ids(cases, path)
 
 
@@ -419,6 +423,11 @@ def load_case(case: Case, landmark_space: str | None = None) -> tuple:
     if case.has_landmarks:
         target_lm = read_landmarks(case.target_landmarks, space=space, reference=case.target[0])
         source_lm = read_landmarks(case.source_landmarks, space=space, reference=case.source[0])
+        if case.landmarks_by_order and not (target_lm.labelled or source_lm.labelled):
+            if len(target_lm) != len(source_lm):
+                raise CombiregError(f"{case.target_landmarks.name} has {len(target_lm)} points but "
+                                    f"{case.source_landmarks.name} has {len(source_lm)}; they correspond row by row")
+            target_lm.labelled = source_lm.labelled = True  # row numbers "1".."N" are the labels
     target = io.read_channels([str(p) for p in case.target], role="target")
     source = io.read_channels([str(p) for p in case.source], role="source")
     if target_lm is not None:

@@ -117,6 +117,11 @@ def test_learn2reg_json_as_downloaded(tmp_path):
     geometry = tiny_geometry()
     np.testing.assert_allclose(target_lm.points_lps_mm, geometry.index_to_world(LANDMARK_INDEX), atol=1e-3)
     np.testing.assert_allclose(source_lm.points_lps_mm - target_lm.points_lps_mm, np.tile(shift, (4, 1)), atol=1e-3)
+    assert target_lm.labelled and target_lm.labels == ["1", "2", "3", "4"]  # row by row, no order warning
+    lines = first.source_landmarks.read_text().splitlines()
+    first.source_landmarks.write_text("\n".join(lines[:3]) + "\n")
+    with pytest.raises(CombiregError, match="has 4 points but .* has 3; they correspond row by row"):
+        load_case(first)
 
 
 def test_learn2reg_labels_by_convention_and_other_pair_lists(tmp_path):
