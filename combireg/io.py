@@ -124,10 +124,7 @@ def read_image(path: str | os.PathLike) -> Image:
     itk = _itk()
     path = Path(path)
     _check_header(path)
-    try:
-        itk_image = itk.imread(str(path), itk.F)
-    except Exception as exc:
-        raise CombiregError(f"{path}: cannot read image ({_first_line(exc)})") from None
+    itk_image = _imread(path, itk.F)
     if itk_image.GetImageDimension() != 3:
         raise CombiregError(f"{path}: expected a 3-D image")
     array = np.asarray(itk.array_view_from_image(itk_image), dtype=np.float32).copy()
@@ -153,10 +150,7 @@ def read_array(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     itk = _itk()
     path = Path(path)
     _check_header(path)
-    try:
-        itk_image = itk.imread(str(path))
-    except Exception as exc:
-        raise CombiregError(f"{path}: cannot read image ({_first_line(exc)})") from None
+    itk_image = _imread(path)
     if itk_image.GetImageDimension() != 3 or itk_image.GetNumberOfComponentsPerPixel() != 1:
         raise CombiregError(f"{path}: expected a 3-D scalar image")
     array = np.asarray(itk.array_view_from_image(itk_image)).copy()
@@ -349,14 +343,20 @@ def read_displacement(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     path = Path(path)
     if not path.is_file():
         raise CombiregError(f"{path}: no such file")
-    try:
-        itk_image = itk.imread(str(path))
-    except Exception as exc:
-        raise CombiregError(f"{path}: cannot read field ({_first_line(exc)})") from None
+    itk_image = _imread(path, what="field")
     if itk_image.GetImageDimension() != 3 or itk_image.GetNumberOfComponentsPerPixel() != 3:
         raise CombiregError(f"{path}: not a 3-D displacement field with 3 components per voxel")
     array = np.asarray(itk.array_view_from_image(itk_image), dtype=np.float32).copy()
     return array, geometry_from_itk(itk_image)
+
+
+def _imread(path: Path, pixel_type=None, *, what: str = "image"):
+    """``itk.imread`` (in ``pixel_type``, else the file's), its errors as one CombiregError line."""
+    itk = _itk()
+    try:
+        return itk.imread(str(path), pixel_type) if pixel_type is not None else itk.imread(str(path))
+    except Exception as exc:
+        raise CombiregError(f"{path}: cannot read {what} ({_first_line(exc)})") from None
 
 
 def _first_line(exc: BaseException) -> str:
