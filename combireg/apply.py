@@ -222,15 +222,20 @@ def map_landmarks(landmarks: Landmarks, displacement: np.ndarray, field_geometry
 
 
 # ====================================================================================== files
+def _check_output(path: Path, overwrite: bool) -> None:
+    """An output file may be written: not a folder, not there unless ``overwrite``, its folder exists."""
+    if path.is_dir():
+        raise CombiregError(f"{path}: is a directory")
+    if path.exists() and not overwrite:
+        raise CombiregError(f"{path}: exists (use --overwrite)")
+    if not path.absolute().parent.is_dir():
+        raise CombiregError(f"{path}: folder {path.absolute().parent} does not exist")
+
+
 @contextlib.contextmanager
 def _atomic_file(path: Path, overwrite: bool) -> Iterator[Path]:
     """A temporary path beside ``path`` (same suffix) that replaces it once written whole."""
-    if path.exists() and not overwrite:
-        raise CombiregError(f"{path}: exists (use --overwrite)")
-    if path.is_dir():
-        raise CombiregError(f"{path}: is a directory")
-    if not path.absolute().parent.is_dir():
-        raise CombiregError(f"{path}: folder {path.absolute().parent} does not exist")
+    _check_output(path, overwrite)
     suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith((".nii.gz", ".mrk.json")) else path.suffix
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=path.absolute().parent)
@@ -314,8 +319,7 @@ def apply_field(field, input, output: str | os.PathLike | None = None, *, labels
         if kind == "landmarks" and not isinstance(input, Landmarks) and landmark_format(output) != landmark_format(input):
             raise CombiregError(f"{output}: landmarks are written in the input's format "
                                 f"({landmark_format(input)}, like {Path(input).name})")
-        if output.exists() and not overwrite:
-            raise CombiregError(f"{output}: exists (use --overwrite)")
+        _check_output(output, overwrite)
     displacement, geometry = read_field(field)
     if kind == "landmarks":
         space = parse_space(landmark_space)

@@ -6,6 +6,7 @@ interpolators) and TransformPoint are the independent references.
 """
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 import combireg
@@ -207,6 +208,7 @@ def test_brats_reg_landmarks_through_the_inverse_field(tmp_path, oblique_geometr
     ("unknown_output", "unknown format"),
     ("image_to_landmarks", "must be an image file"),
     ("missing_input", "no such file"),
+    ("no_folder", "does not exist"),
 ])
 def test_apply_bad_input_is_one_line_and_writes_nothing(tmp_path, field, oblique_geometry, case, message):
     """Beside README's bad-input rows for apply (tests/test_bad_input.py)."""
@@ -220,6 +222,8 @@ def test_apply_bad_input_is_one_line_and_writes_nothing(tmp_path, field, oblique
         out = tmp_path / "out.fcsv"
     elif case == "missing_input":
         args = [field_path, tmp_path / "missing.nii.gz"]
+    elif case == "no_folder":
+        out = tmp_path / "nowhere" / "out.nii.gz"
     res = CliRunner().invoke(main, ["apply", *map(str, args), "-o", str(out)])
     assert res.exit_code == 2, res.output
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
@@ -235,6 +239,7 @@ def test_apply_from_python_on_objects(field, oblique_geometry):
     same = warp_array(labels, oblique_geometry, zero, oblique_geometry, interpolation="nearest")
     np.testing.assert_array_equal(same.array, labels)  # the identity moves nothing
     assert same.array.dtype == np.int32 and same.inside_fraction == 1.0
+    assert same.to_image().geometry is oblique_geometry and same.to_image().data.dtype == torch.float32
     centre = oblique_geometry.index_to_world(np.array([[5.0, 6.0, 7.0]]))
     moved = apply_field((u, oblique_geometry), Landmarks(centre, ["c"]))
     np.testing.assert_allclose(moved.landmarks.points_lps_mm[0], centre[0] + u[7, 6, 5], atol=1e-5)  # at a voxel centre
