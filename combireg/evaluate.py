@@ -361,12 +361,12 @@ def run_evaluation(dataset: str | os.PathLike, methods: Sequence[str | MethodSpe
         Learn2Reg: which pairs (``val``, ``test``, ``training`` or a CSV file of pairs).
 
     Rows are written to results.csv by this process only, as the cells finish (in any order);
-    the final rewrite puts them in manifest x method order.
+    the final rewrite puts them in dataset x method order.
 
     Raises
     ------
     CombiregError
-        Bad manifest, methods, comparisons, output folder or an unreachable scheduler (before
+        Bad dataset, methods, comparisons, output folder or an unreachable scheduler (before
         any cell runs). A failing cell is recorded as failed and the others go on.
     """
     from .landmarks import parse_space
@@ -447,7 +447,7 @@ def run_evaluation(dataset: str | os.PathLike, methods: Sequence[str | MethodSpe
 
 
 def _in_cell_order(rows: dict, cases: Sequence[Case], methods: Sequence[MethodSpec]) -> dict:
-    """The rows of this run's cells in manifest x method order, then any others as they were."""
+    """The rows of this run's cells in dataset x method order, then any others as they were."""
     order = {(c.id, m.name): i for i, (c, m) in enumerate((c, m) for c in cases for m in methods)}
     return dict(sorted(rows.items(), key=lambda item: order.get(item[0], len(order))))
 
