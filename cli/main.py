@@ -53,6 +53,9 @@ def _register_commands() -> None:
     from . import batch_cmd  # many cases on a dask cluster (issue 7)
     main.add_command(batch_cmd.batch)
 
+    from . import apply_cmd  # carry images and landmarks through a field (issue 14)
+    main.add_command(apply_cmd.apply)
+
 
 _register_commands()
 

@@ -22,7 +22,7 @@ def _load_landmarks(source: list[str], target: list[str], target_landmarks: str 
     source_img = io.read_channels(source, role="source")
     tl = read_landmarks(target_landmarks, space=space, reference=target_img)
     sl = read_landmarks(source_landmarks, space=space, reference=source_img)
-    compute_tre(None, target_img.geometry, tl, sl)  # labels match, target landmarks inside the grid
+    compute_tre(None, target_img.geometry, tl, sl)  # labels match; landmarks outside the grid: a warning
     return source_img, target_img, (tl, sl)
 
 
@@ -106,5 +106,6 @@ def run(source: str, target: str, output: str, params: str | None, init: str | N
         st = tre.statistics
         click.echo(f"TRE {st['initial_mean']:.3f} -> {st['mean']:.3f} mm mean (median {st['initial_median']:.3f} -> "
                    f"{st['median']:.3f}, max {st['initial_max']:.3f} -> {st['max']:.3f}; n = {st['n']}), "
-                   f"robustness {st['robustness']:.3f}")
+                   f"robustness {st['robustness']:.3f}"
+                   + (f"; {st['n_outside_grid']} outside the target grid (edge values)" if st["n_outside_grid"] else ""))
     click.echo(f"results in {outdir}")

@@ -32,7 +32,8 @@ def format_statistics(stats: dict) -> list[str]:
         f"initial  {stats['initial_mean']:.3f} ± {stats['initial_std']:.3f} mm (median {stats['initial_median']:.3f}, "
         f"p95 {stats['initial_p95']:.3f}, max {stats['initial_max']:.3f})",
         f"robustness {stats['robustness']:.3f} (fraction of landmarks whose error went down)",
-    ]
+    ] + ([f"{stats['n_outside_grid']} target landmark(s) outside the field's grid, mapped with its edge values"]
+         if stats.get("n_outside_grid") else [])
 
 
 def format_table(rows: list[dict]) -> list[str]:

@@ -6,6 +6,7 @@ One call from Python::
     result = combireg.register("pre_t1.nii.gz,pre_t2.nii.gz", "post_t1.nii.gz,post_t2.nii.gz",
                                params="params/default.txt")
     result.save("out/")
+    combireg.apply_field("out/field.nii.gz", "pre_tumour_mask.nii.gz", "tumour_on_post.nii.gz", labels=True)
 """
 from .errors import CombiregError
 from .geometry import Geometry
@@ -20,7 +21,11 @@ def __getattr__(name):
         from . import api
 
         return getattr(api, name)
+    if name == "apply_field":
+        from .apply import apply_field
+
+        return apply_field
     raise AttributeError(f"module 'combireg' has no attribute {name!r}")
 
 
-__all__ = ["register", "Result", "Image", "Geometry", "CombiregError", "__version__"]
+__all__ = ["register", "Result", "apply_field", "Image", "Geometry", "CombiregError", "__version__"]

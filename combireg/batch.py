@@ -1,10 +1,10 @@
-"""Register every case of a manifest on a dask.distributed cluster (``combireg batch``).
+"""Register every case of a dataset on a dask.distributed cluster (``combireg batch``).
 
-:func:`run_batch` registers each case of a manifest (the format of :mod:`combireg.cases`)
-into ``DIR/<case id>/`` with exactly the outputs of ``combireg run`` (written by
-:func:`combireg.outputs.write_outputs`, atomically), the landmark TRE in ``report.json`` included,
-on the executor of :mod:`combireg.executor` (``combireg evaluate --workers/--scheduler`` runs
-its cells there too).
+:func:`run_batch` registers each case of a dataset (a manifest CSV, a BraTS-Reg folder or a
+Learn2Reg JSON: any layout of :mod:`combireg.cases`) into ``DIR/<case id>/`` with exactly the
+outputs of ``combireg run`` (written by :func:`combireg.outputs.write_outputs`, atomically),
+the landmark TRE in ``report.json`` where the case has landmarks, on the executor of
+:mod:`combireg.executor` (``combireg evaluate --workers/--scheduler`` runs its cells there too).
 
 Finished cases
     A case is finished when ``DIR/<case id>/`` holds every contract file, each non-empty:
@@ -23,7 +23,9 @@ Execution
     default local cluster has as many workers as both the cores and the memory (available
     memory // the estimated peak of one case, :func:`combireg.api.estimate_memory_bytes`)
     allow. A failing case is recorded and the others go on. ``DIR/batch_summary.json`` is
-    rewritten (atomically) as each case ends.
+    rewritten (atomically) as each case ends; combireg's warnings on a worker (such as
+    landmarks outside the target grid) are listed there per case, dask's own log lines go to
+    ``DIR/dask.log`` (:func:`combireg.executor.dask_logs`).
 """
 from __future__ import annotations
 
@@ -38,8 +40,16 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import CombiregError, first_line
-from .executor import CONNECT_TIMEOUT_S, dask_executor, set_itk_threads
-from .cases import Case, load_case, read_manifest
+from .executor import (
+    CONNECT_TIMEOUT_S,
+    DASK_LOG_NAME,
+    collect_warnings,
+    dask_executor,
+    dask_logs,
+    in_dask_worker,
+    set_itk_threads,
+)
+from .cases import Case, load_case, read_cases
 from .outputs import prepare_resumable_dir
 
 __all__ = [
@@ -98,7 +108,8 @@ def _summary_numbers(report: dict) -> dict:
     numbers = {"wall_time_s": report.get("wall_time_s"), "peak_memory_mb": report.get("peak_memory_mb")}
     stats = (report.get("tre") or {}).get("statistics") or {}
     if stats:
-        numbers.update(tre_initial_mean=stats.get("initial_mean"), tre_mean=stats.get("mean"))
+        numbers.update(tre_initial_mean=stats.get("initial_mean"), tre_mean=stats.get("mean"),
+                       tre_n_outside_grid=stats.get("n_outside_grid", 0))
     numbers["folding_percent"] = (report.get("jacobian") or {}).get("percent_nonpositive")
     return numbers
 
@@ -117,31 +128,33 @@ def _init_for(init: str | None, case_id: str) -> str | None:
 
 def register_case(case: Case, case_dir: str | os.PathLike, settings, *, init: str | None = None,
                   device: str = "cpu", landmark_space: str | None = None) -> dict:
-    """Register one manifest case into ``case_dir`` (replaced atomically); never raises.
+    """Register one case into ``case_dir`` (replaced atomically); never raises.
 
-    Runs on a worker. The landmarks are read and checked first; their TRE before and after
-    goes into ``report.json`` as ``combireg run`` puts it. ``NumberOfThreads`` becomes the
-    task's thread budget.
+    Runs on a worker. The landmarks (where the case has them) are read and checked first;
+    their TRE before and after goes into ``report.json`` as ``combireg run`` puts it. The
+    case's masks restrict the similarity. ``NumberOfThreads`` becomes the task's thread budget.
 
     Returns
     -------
     dict
-        ``case``, ``status`` (``"done"`` or ``"failed"``), ``error`` (one line), ``seconds``
-        and, when done, ``wall_time_s``, ``peak_memory_mb``, ``tre_initial_mean``,
-        ``tre_mean``, ``folding_percent``.
+        ``case``, ``status`` (``"done"`` or ``"failed"``), ``error`` (one line), ``seconds``,
+        ``warnings`` (combireg's warning lines during the case; kept off a worker's terminal)
+        and, when done, ``wall_time_s``, ``peak_memory_mb``, ``folding_percent`` and, with
+        landmarks, ``tre_initial_mean``, ``tre_mean``, ``tre_n_outside_grid``.
     """
     start = time.perf_counter()
-    try:
-        extra = _register_case(case, Path(case_dir), settings, init, device, landmark_space)
-        return {"case": case.id, "status": "done", "error": "", "seconds": round(time.perf_counter() - start, 3),
-                **extra}
-    except CombiregError as exc:
-        message = str(exc)
-    except Exception as exc:  # a bug or an unexpected library error: record it, keep going
-        log.warning("%s failed with %s", case.id, type(exc).__name__, exc_info=True)
-        message = f"{type(exc).__name__}: {exc}"
+    with collect_warnings(quiet=in_dask_worker()) as warnings:
+        try:
+            extra = _register_case(case, Path(case_dir), settings, init, device, landmark_space)
+            return {"case": case.id, "status": "done", "error": "", "seconds": round(time.perf_counter() - start, 3),
+                    "warnings": warnings, **extra}
+        except CombiregError as exc:
+            message = str(exc)
+        except Exception as exc:  # a bug or an unexpected library error: record it, keep going
+            log.warning("%s failed with %s", case.id, type(exc).__name__, exc_info=True)
+            message = f"{type(exc).__name__}: {exc}"
     return {"case": case.id, "status": "failed", "error": " ".join(message.split()),
-            "seconds": round(time.perf_counter() - start, 3)}
+            "seconds": round(time.perf_counter() - start, 3), "warnings": warnings}
 
 
 def _register_case(case: Case, case_dir: Path, settings, init: str | None, device: str,
@@ -156,10 +169,12 @@ def _register_case(case: Case, case_dir: Path, settings, init: str | None, devic
     source, target, target_lm, source_lm = load_case(case, landmark_space)
     set_itk_threads(torch.get_num_threads())  # ITK is loaded now: cheap
     settings = settings.replace(num_threads=torch.get_num_threads())
-    result = register(source, target, settings, init=init, device=str(resolve_device(device)))
-    tre = compute_tre(result.displacement_lps_mm, result.target_geometry, target_lm, source_lm)
-    result.report["tre"] = {"target_landmarks": str(case.target_landmarks),
-                            "source_landmarks": str(case.source_landmarks), **tre.to_dict()}
+    result = register(source, target, settings, init=init, device=str(resolve_device(device)),
+                      target_mask=case.target_mask, source_mask=case.source_mask)
+    if target_lm is not None:
+        tre = compute_tre(result.displacement_lps_mm, result.target_geometry, target_lm, source_lm)
+        result.report["tre"] = {"target_landmarks": str(case.target_landmarks),
+                                "source_landmarks": str(case.source_landmarks), **tre.to_dict()}
     result.report["batch"] = {"case": case.id}
     result.save(case_dir, overwrite=True)
     return _summary_numbers(result.report)
@@ -175,6 +190,7 @@ class BatchSummary:
     done: int = 0
     skipped: int = 0
     failed: list = field(default_factory=list)  # (case id, error)
+    warnings: int = 0  # combireg warning lines of this run's cases (listed per case in the summary)
     wall_time_s: float = 0.0
     workers: int = 0
     threads: int | None = None
@@ -188,8 +204,9 @@ class BatchSummary:
         """The one-line summary the CLI prints."""
         threads = "auto" if self.threads is None else str(self.threads)
         where = f"{self.workers} worker(s) x {threads} thread(s)" if self.workers else "no cluster needed"
+        warned = f"; {self.warnings} warning(s) in {SUMMARY_NAME}" if self.warnings else ""
         return (f"batch: {self.done} done, {self.skipped} skipped, {len(self.failed)} failed in "
-                f"{self.wall_time_s:.1f} s ({where})")
+                f"{self.wall_time_s:.1f} s ({where}){warned}")
 
 
 def _write_summary(summary: BatchSummary, meta: dict, status: str) -> None:
@@ -243,17 +260,18 @@ def _estimate_case_bytes(cases: Sequence[Case], settings) -> int | None:
     return None
 
 
-def run_batch(manifest: str | os.PathLike, outdir: str | os.PathLike, *, params=None, init: str | None = None,
+def run_batch(dataset: str | os.PathLike, outdir: str | os.PathLike, *, params=None, init: str | None = None,
               device: str = "auto", workers: int | None = None, threads_per_worker: int | None = None,
               scheduler: str | None = None, landmark_space: str | None = None, overwrite: bool = False,
-              connect_timeout: float = CONNECT_TIMEOUT_S,
-              progress: Callable[[dict], None] | None = None) -> BatchSummary:
-    """Register every case of ``manifest`` into ``outdir/<case id>/`` on a dask cluster.
+              connect_timeout: float = CONNECT_TIMEOUT_S, progress: Callable[[dict], None] | None = None,
+              pairs: str | None = None) -> BatchSummary:
+    """Register every case of ``dataset`` into ``outdir/<case id>/`` on a dask cluster.
 
     Parameters
     ----------
-    manifest : path
-        CSV ``id,source,target,target_landmarks,source_landmarks`` (see :mod:`combireg.cases`).
+    dataset : path
+        A manifest CSV (``id,source,target`` and optional landmark and mask columns), a
+        BraTS-Reg folder or a Learn2Reg JSON (:func:`combireg.cases.read_cases`).
     outdir : path
         Created if needed; a folder holding a batch_summary.json is resumed.
     params : path, Settings or None
@@ -270,6 +288,8 @@ def run_batch(manifest: str | os.PathLike, outdir: str | os.PathLike, *, params=
         Register every case again (each folder replaced as its case finishes).
     connect_timeout : float
         Seconds to wait for ``scheduler``.
+    pairs : str, optional
+        Learn2Reg: which pairs (``val``, ``test``, ``training`` or a CSV file of pairs).
     progress : callable, optional
         Called with ``{"event": "skipped"|"done"|"failed", "case", "error", "index", "total"}``
         as each case is settled (skipped ones first), and ``{"event": "started", "workers",
@@ -282,7 +302,7 @@ def run_batch(manifest: str | os.PathLike, outdir: str | os.PathLike, *, params=
     Raises
     ------
     CombiregError
-        Bad manifest, parameters, init, device, output folder, finished cases with other
+        Bad dataset, parameters, init, device, output folder, finished cases with other
         parameters, or an unreachable scheduler: all before anything is started or written.
         A failing case is recorded and the others go on.
     """
@@ -292,10 +312,10 @@ def run_batch(manifest: str | os.PathLike, outdir: str | os.PathLike, *, params=
     from .params import Settings, load_settings
 
     clock = time.perf_counter()
-    manifest = Path(manifest)
+    dataset = Path(dataset)
     outdir = Path(outdir).absolute()
     landmark_space = parse_space(landmark_space)
-    cases = read_manifest(manifest)
+    cases = read_cases(dataset, pairs=pairs)
     settings = params if isinstance(params, Settings) else load_settings(params)
     init = _check_init(init)
     if scheduler is None:
@@ -319,7 +339,7 @@ def run_batch(manifest: str | os.PathLike, outdir: str | os.PathLike, *, params=
         raise CombiregError(f"finished case(s) registered with other parameters: {conflicts[0]}"
                             f"{f' and {len(conflicts) - 1} more' if len(conflicts) > 1 else ''}; "
                             f"use --overwrite or another output folder")
-    meta = {"combireg_version": __version__, "manifest": str(manifest.absolute()), "output": str(outdir),
+    meta = {"combireg_version": __version__, "dataset": str(dataset.absolute()), "output": str(outdir),
             "parameters": settings.source, "init": init, "device": device}
     total = len(cases)
 
@@ -333,8 +353,9 @@ def run_batch(manifest: str | os.PathLike, outdir: str | os.PathLike, *, params=
             emit({"event": "skipped", "case": case.id, "error": "", "index": index, "total": total})
 
     with contextlib.ExitStack() as stack:
-        executor = None
+        executor = dask_log = None
         if pending:
+            dask_log = stack.enter_context(dask_logs())  # held until DIR exists, then DIR/dask.log
             per_case = None
             if scheduler is None and workers is None:
                 if device.startswith("cuda"):
@@ -352,6 +373,8 @@ def run_batch(manifest: str | os.PathLike, outdir: str | os.PathLike, *, params=
             emit({"event": "started", "workers": executor.workers, "threads": executor.threads,
                   "pending": len(pending), "total": total})
         outdir.mkdir(parents=True, exist_ok=True)
+        if dask_log is not None:
+            dask_log.open(outdir / DASK_LOG_NAME)
         summary.wall_time_s = time.perf_counter() - clock
         _write_summary(summary, meta, "running" if pending else "finished")
         if executor is not None:
@@ -367,7 +390,8 @@ def run_batch(manifest: str | os.PathLike, outdir: str | os.PathLike, *, params=
                     except Exception as exc:  # the worker died (KilledWorker) or the task was cancelled
                         record = {"case": case.id, "status": "failed",
                                   "error": f"{type(exc).__name__}: {' '.join(first_line(exc).split())}"}
-                    record = {k: v for k, v in record.items() if k != "case"}
+                    record = {k: v for k, v in record.items() if k != "case" and (k != "warnings" or v)}
+                    summary.warnings += len(record.get("warnings", []))
                     record["outdir"] = case.id
                     summary.cases[case.id] = record
                     if record["status"] == "done":

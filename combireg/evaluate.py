@@ -1,15 +1,22 @@
 """The paper's evaluation protocol on a dataset (``combireg evaluate``).
 
-Every method runs on every case of a manifest; each cell (case x method) is registered
+Every method runs on every case of a dataset; each cell (case x method) is registered
 in-process with :func:`combireg.api.register`, its outputs are saved to
-``DIR/cases/<case>/<method>/`` (so ``combireg tre`` can be rerun on them) and its TRE is
-computed from the saved forward field.
+``DIR/cases/<case>/<method>/`` (so ``combireg tre`` can be rerun on them) and its TRE (cases
+with landmarks) and label overlap (cases with label maps) are computed from the saved forward
+field.
 
-Manifest
-    The CSV of :mod:`combireg.cases` (``id,source,target,target_landmarks,source_landmarks``
-    and an optional ``lesion`` column): with a lesion mask, the results also give the TRE over
-    the landmarks within :data:`~combireg.summary.NEAR_LESION_MM` of it (distance from the
-    target landmark to the nearest lesion voxel centre, 0 inside).
+Dataset
+    Any layout of :mod:`combireg.cases`: a manifest CSV (``id,source,target`` and optional
+    ``target_landmarks,source_landmarks``, ``target_labels,source_labels``,
+    ``target_mask,source_mask`` and ``lesion`` columns), a BraTS-Reg folder or a Learn2Reg
+    dataset JSON. With a lesion mask, the results also give the TRE over the landmarks within
+    :data:`~combireg.summary.NEAR_LESION_MM` of it (distance from the target landmark to the
+    nearest lesion voxel centre, 0 inside). With label maps, the source's is carried into
+    target space by nearest neighbour (:func:`combireg.apply.warp_array`) and scored against
+    the target's by :mod:`combireg.overlap` (Dice per label, HD95 in mm, before and after).
+    A case's masks restrict combireg's similarity as ``run --target-mask/--source-mask``
+    (the baselines do not take masks).
 
 Method SPEC (``--method NAME=SPEC``)
     The grammar of :mod:`combireg.methods`: a parameter file, optionally with ``init:FIELD``
@@ -17,8 +24,9 @@ Method SPEC (``--method NAME=SPEC``)
 
 Outputs in ``DIR``
     ``cases/<case>/<method>/``: each cell's outputs (those of ``combireg run``) with its
-    ``tre.csv``/``tre.json``; ``results.csv``, ``summary.md``, ``ttests.csv`` and
-    ``tre_boxplot.png`` as :mod:`combireg.summary` describes them. A row is appended to
+    ``tre.csv``/``tre.json`` and ``dice.csv`` where there are landmarks and labels;
+    ``results.csv``, ``summary.md``, ``ttests.csv`` and the box plots as
+    :mod:`combireg.summary` describes them. A row is appended to
     results.csv as soon as its cell finishes, so an interrupted run resumes: cells already
     ``ok`` with the same SPEC are skipped, failed cells rerun.
 """
@@ -34,12 +42,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .cases import Case, load_case, read_manifest
+from .cases import Case, load_case, read_cases
 from .errors import CombiregError
 from .executor import dask_executor
 from .methods import MethodSpec, parse_method
 from .outputs import prepare_resumable_dir
 from .summary import (
+    CELL_DICE_CSV,
     CELL_TRE_CSV,
     NEAR_LESION_MM,
     RESULTS_NAME,
@@ -57,6 +66,7 @@ __all__ = [
     "run_cell",
     "run_evaluation",
     "lesion_distances",
+    "label_scores",
 ]
 
 log = logging.getLogger(__name__)
@@ -97,12 +107,13 @@ def run_cell(case: Case, method: MethodSpec, outdir: str | os.PathLike, *, devic
     """Register one case with one method, save its outputs and return its results row.
 
     The outputs go to ``cell_dir`` (default ``outdir/cases/<case>/<method>``); the row's
-    ``outdir`` is that folder relative to ``outdir``.
+    ``outdir`` is that folder relative to ``outdir``. The TRE columns are empty for a case
+    without landmarks, the Dice columns for a case without label maps.
 
     Raises
     ------
     CombiregError
-        Missing files, bad landmarks, or a registration that fails.
+        Missing files, bad landmarks or label maps, or a registration that fails.
     """
     from . import io
     from .api import register
@@ -120,37 +131,106 @@ def run_cell(case: Case, method: MethodSpec, outdir: str | os.PathLike, *, devic
     if method.baseline is not None:
         from .adapters import run_baseline
 
+        if case.target_mask is not None or case.source_mask is not None:
+            log.info("%s / %s: the baselines take no masks; the case's masks are not used", case.id, method.name)
         result = run_baseline(method.baseline, source, target, parameter_file=method.params)
     else:
+        target_mask = _lesion_exclusion(lesion, target) if method.exclude_lesion else None
+        target_mask = _both_masks(target_mask, case.target_mask, target)
         result = register(source, target, method.settings, init=method.drn if init is None else str(init),
-                          device=device, target_mask=_lesion_exclusion(lesion, target) if method.exclude_lesion else None)
+                          device=device, target_mask=target_mask, source_mask=case.source_mask)
     peak = _peak_memory_mb(result.report["peak_memory_mb"]) if reset else result.report["peak_memory_mb"]
-    result.report["tre"] = compute_tre(result.displacement_lps_mm, result.target_geometry,
-                                       target_lm, source_lm).to_dict()
+    if target_lm is not None:
+        result.report["tre"] = compute_tre(result.displacement_lps_mm, result.target_geometry,
+                                           target_lm, source_lm).to_dict()
+    overlap = None
+    if case.has_labels:
+        labels, overlap = label_scores(case, result.displacement_lps_mm, result.target_geometry)
+        result.report["overlap"] = {"summary": overlap, "labels": labels}
     result.report["evaluate"] = {"case": case.id, "method": method.name, "spec": method.spec,
                                  "cell_peak_memory_mb": round(peak, 1)}
     cell = _cell_dir(Path(outdir), case, method) if cell_dir is None else Path(cell_dir)
     result.save(cell, overwrite=True)
     displacement, geometry = io.read_displacement(cell / FIELD_NAME)
-    tre = compute_tre(displacement, geometry, target_lm, source_lm)
-    tre.write_csv(cell / CELL_TRE_CSV)
-    tre.write_json(cell / CELL_TRE_JSON, field=str(cell / FIELD_NAME), case=case.id, method=method.name)
     jac = jacobian_determinant(displacement, geometry)
-    stats = tre.statistics
-    return {
+    row = {
         "case": case.id, "method": method.name, "status": "ok", "error": "", "spec": method.spec,
-        "n_landmarks": stats["n"],
-        **{f"tre_{k}": stats[k] for k in ("mean", "std", "median", "p95", "max")},
-        **{f"initial_{k}": stats[f"initial_{k}"] for k in ("mean", "std", "median", "p95", "max")},
-        "robustness": stats["robustness"],
         "time_s": result.report["wall_time_s"],
         "cell_time_s": round(time.perf_counter() - start, 3),
         "peak_memory_mb": round(peak, 1),
         "folding_percent": float(100.0 * np.count_nonzero(jac <= 0) / jac.size),
         "jacobian_min": float(jac.min()),
         "outdir": os.path.relpath(cell, outdir),
-        **_near_lesion(lesion, tre),
     }
+    if target_lm is not None:
+        tre = compute_tre(displacement, geometry, target_lm, source_lm)
+        tre.write_csv(cell / CELL_TRE_CSV)
+        tre.write_json(cell / CELL_TRE_JSON, field=str(cell / FIELD_NAME), case=case.id, method=method.name)
+        stats = tre.statistics
+        row.update({"n_landmarks": stats["n"],
+                    **{f"tre_{k}": stats[k] for k in ("mean", "std", "median", "p95", "max")},
+                    **{f"initial_{k}": stats[f"initial_{k}"] for k in ("mean", "std", "median", "p95", "max")},
+                    "robustness": stats["robustness"], **_near_lesion(lesion, tre)})
+    if overlap is not None:
+        _write_rows(cell / CELL_DICE_CSV, result.report["overlap"]["labels"])
+        row.update(overlap)
+    return row
+
+
+def label_scores(case: Case, displacement_lps_mm: np.ndarray, geometry) -> tuple[list[dict], dict]:
+    """Dice and HD95 of a case's label maps through a forward field, per label and in summary.
+
+    The source's label map is carried onto the target label map's grid by nearest neighbour
+    through the field (:func:`combireg.apply.warp_array`; the field is interpolated there when
+    the label map lies on another grid than the field) and, for the ``initial_`` numbers,
+    without it (the identity). Labels: those present in both label maps.
+
+    Returns
+    -------
+    rows : list of dict
+        :func:`combireg.overlap.label_overlap`.
+    summary : dict
+        :func:`combireg.overlap.overlap_summary` (``n_labels``, ``dice_mean``, ``hd95_mean`` and
+        their ``initial_`` values).
+    """
+    from . import io
+    from .apply import warp_array
+    from .overlap import label_overlap, labels_in_both, overlap_summary
+
+    target_labels, target_geometry = io.read_array(case.target_labels)
+    source_labels, source_geometry = io.read_array(case.source_labels)
+    labels = labels_in_both(target_labels, source_labels)
+    if not labels:
+        log.warning("%s: the label maps %s and %s share no label", case.id, case.target_labels.name,
+                    case.source_labels.name)
+    warped = warp_array(source_labels, source_geometry, displacement_lps_mm, geometry, interpolation="nearest",
+                        output_geometry=target_geometry, name=str(case.source_labels)).array
+    identity = np.zeros(target_geometry.shape + (3,), np.float32)
+    initial = warp_array(source_labels, source_geometry, identity, target_geometry, interpolation="nearest",
+                         require_overlap=False).array
+    rows = label_overlap(target_labels, warped, target_geometry, labels, initial=initial)
+    return rows, overlap_summary(rows)
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["label"], lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def _both_masks(first, mask_path: Path | None, target):
+    """A computed target mask and the case's mask file, combined (voxels inside both)."""
+    if mask_path is None:
+        return first
+    from .image import Image
+    from .preprocess import load_mask
+
+    mask = load_mask(mask_path, target.geometry, role="target")
+    return mask if first is None else Image(mask.data * first.data, mask.geometry)
 
 
 def lesion_distances(points_lps_mm: np.ndarray, lesion) -> np.ndarray:
@@ -226,6 +306,7 @@ class Evaluation:
     rows: dict
     summaries: list
     tests: list
+    dice_summaries: list = field(default_factory=list)
     ran: int = 0
     skipped: int = 0
     failed: list = field(default_factory=list)
@@ -243,16 +324,17 @@ def _check_resumable(previous: dict, methods: Sequence[MethodSpec], outdir: Path
                                 f"now given as {specs[name]!r}; use another name or --overwrite")
 
 
-def run_evaluation(manifest: str | os.PathLike, methods: Sequence[str | MethodSpec], outdir: str | os.PathLike, *,
+def run_evaluation(dataset: str | os.PathLike, methods: Sequence[str | MethodSpec], outdir: str | os.PathLike, *,
                    compare: Sequence[str] = (), device: str = "cpu", landmark_space: str | None = None,
                    overwrite: bool = False, progress: Callable[[dict], None] | None = None,
                    workers: int | None = 1, threads_per_worker: int | None = None,
-                   scheduler: str | None = None) -> Evaluation:
-    """Run every method on every case of ``manifest`` and write the reports into ``outdir``.
+                   scheduler: str | None = None, pairs: str | None = None) -> Evaluation:
+    """Run every method on every case of ``dataset`` and write the reports into ``outdir``.
 
     Parameters
     ----------
-    manifest : path
+    dataset : path
+        A manifest CSV, a BraTS-Reg folder or a Learn2Reg dataset JSON (:func:`combireg.cases.read_cases`).
     methods : ``NAME=SPEC`` strings or MethodSpec, at least one, unique names
     outdir : path
         Created if needed; a folder holding a results.csv is resumed.
@@ -275,22 +357,24 @@ def run_evaluation(manifest: str | os.PathLike, methods: Sequence[str | MethodSp
         torch/ITK threads of each parallel cell (default: the cores divided among the workers).
     scheduler : str, optional
         Run the cells on the existing dask cluster at this address instead.
+    pairs : str, optional
+        Learn2Reg: which pairs (``val``, ``test``, ``training`` or a CSV file of pairs).
 
     Rows are written to results.csv by this process only, as the cells finish (in any order);
-    the final rewrite puts them in manifest x method order.
+    the final rewrite puts them in dataset x method order.
 
     Raises
     ------
     CombiregError
-        Bad manifest, methods, comparisons, output folder or an unreachable scheduler (before
+        Bad dataset, methods, comparisons, output folder or an unreachable scheduler (before
         any cell runs). A failing cell is recorded as failed and the others go on.
     """
     from .landmarks import parse_space
 
-    manifest = Path(manifest)
+    dataset = Path(dataset)
     outdir = Path(outdir).absolute()
     landmark_space = parse_space(landmark_space)
-    cases = read_manifest(manifest)
+    cases = read_cases(dataset, pairs=pairs)
     specs = [m if isinstance(m, MethodSpec) else parse_method(m) for m in methods]
     if not specs:
         raise CombiregError("give at least one --method NAME=SPEC")
@@ -298,7 +382,7 @@ def run_evaluation(manifest: str | os.PathLike, methods: Sequence[str | MethodSp
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise CombiregError(f"method name(s) given twice: {', '.join(dup)}")
-    pairs = parse_comparisons(compare, specs)
+    comparisons = parse_comparisons(compare, specs)
     prepare_resumable_dir(outdir, RESULTS_NAME, overwrite=overwrite)
     results = outdir / RESULTS_NAME
     previous = {} if overwrite else read_results(results)
@@ -358,12 +442,12 @@ def run_evaluation(manifest: str | os.PathLike, methods: Sequence[str | MethodSp
                 record(index, case, method, row)
     rewrite_results(results, _in_cell_order(read_results(results), cases, specs))
     ev.rows = read_results(results)
-    ev.summaries, ev.tests = write_reports(outdir, manifest, ev.rows, cases, specs, pairs)
+    ev.summaries, ev.dice_summaries, ev.tests = write_reports(outdir, dataset, ev.rows, cases, specs, comparisons)
     return ev
 
 
 def _in_cell_order(rows: dict, cases: Sequence[Case], methods: Sequence[MethodSpec]) -> dict:
-    """The rows of this run's cells in manifest x method order, then any others as they were."""
+    """The rows of this run's cells in dataset x method order, then any others as they were."""
     order = {(c.id, m.name): i for i, (c, m) in enumerate((c, m) for c in cases for m in methods)}
     return dict(sorted(rows.items(), key=lambda item: order.get(item[0], len(order))))
 

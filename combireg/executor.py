@@ -12,6 +12,12 @@ workers use ``W x T`` cores. The default local cluster has separate worker proce
 loopback interface (127.0.0.1, no dashboard), one task slot each, and as many workers as both
 the cores (``cores // T``) and the memory (available memory // the estimated peak of one task)
 allow (:func:`plan_workers`).
+
+dask's own log lines (cluster start, every connection, about 40 INFO lines a run) do not go to
+the terminal: :func:`dask_logs` holds them until the caller names a file for them (``combireg
+batch`` writes ``DIR/dask.log``), or shows them on the terminal when combireg logs INFO (``-v``).
+On a worker, :func:`collect_warnings` keeps combireg's own warnings off the terminal and hands
+them back with the task's result.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import os
 import sys
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from .errors import CombiregError, first_line
@@ -28,6 +35,11 @@ from .errors import CombiregError, first_line
 __all__ = [
     "CONNECT_TIMEOUT_S",
     "THREAD_ENV",
+    "DASK_LOG_NAME",
+    "DaskLog",
+    "dask_logs",
+    "collect_warnings",
+    "in_dask_worker",
     "Executor",
     "dask_executor",
     "plan_workers",
@@ -43,6 +55,8 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
 #: Environment variables that cap the thread pools of OpenMP, MKL, OpenBLAS and ITK.
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+#: The file in an output folder that dask's log lines go to.
+DASK_LOG_NAME = "dask.log"
 
 
 # ====================================================================================== threads
@@ -78,6 +92,44 @@ def thread_limit(count: int) -> Iterator[int]:
         finally:
             if previous_itk is not None:
                 set_itk_threads(previous_itk)
+
+
+def in_dask_worker() -> bool:
+    """Whether this code runs as a task on a dask worker."""
+    try:
+        from distributed import get_worker
+
+        get_worker()
+        return True
+    except (ImportError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def collect_warnings(*, quiet: bool) -> Iterator[list[str]]:
+    """Collect combireg's WARNING lines (``"logger: message"``) logged inside the block.
+
+    ``quiet`` also keeps them off the terminal (the stderr of a worker process is the user's
+    terminal, under the progress bar); the caller reports the collected lines instead.
+    """
+    lines: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler = _Collect(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logger = logging.getLogger("combireg")
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    if quiet:
+        logger.propagate = False
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 def _worker_thread_share() -> int | None:
@@ -236,17 +288,71 @@ def _probe_scheduler(address: str, timeout: float) -> None:
         raise CombiregError(f"{where} within {timeout:g} s ({first_line(exc)})") from None
 
 
+class DaskLog(logging.Handler):
+    """dask's log records, held until :meth:`open` names their file (the output folder may not
+    exist while the cluster starts, and must not be written when it fails to start)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self._held: list[logging.LogRecord] = []
+        self._file: logging.FileHandler | None = None
+        self.path: Path | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._file is not None:
+            self._file.emit(record)
+        else:
+            self._held.append(record)
+
+    def open(self, path: str | os.PathLike) -> None:
+        """Append the held records and all later ones to ``path``."""
+        self.path = Path(path)
+        self._file = logging.FileHandler(self.path, mode="a", encoding="utf-8")
+        self._file.setFormatter(self.formatter)
+        for record in self._held:
+            self._file.emit(record)
+        self._held.clear()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._held.clear()
+        super().close()
+
+
 @contextlib.contextmanager
-def _quiet_dask_logs() -> Iterator[None]:
-    """dask's own INFO lines (cluster start, every connection) only when combireg logs DEBUG."""
+def dask_logs(to_terminal: bool | None = None) -> Iterator[DaskLog]:
+    """Route the ``distributed`` loggers of this process into a :class:`DaskLog` for the block.
+
+    Why here and after importing distributed: distributed configures its loggers when it is
+    imported (INFO, and no handler of its own when the root logger has one, so its lines went
+    through combireg's terminal handler). ``to_terminal`` (default: whether combireg logs INFO,
+    i.e. ``-v``) keeps them on the terminal as well.
+    """
+    import distributed  # noqa: F401  (its logging set-up runs on import; ours must come after)
+
     logger = logging.getLogger("distributed")
-    previous = logger.level
-    if not logging.getLogger("combireg").isEnabledFor(logging.DEBUG):
-        logger.setLevel(max(logging.WARNING, logger.getEffectiveLevel()))
+    saved = (logger.level, logger.propagate, list(logger.handlers))
+    if to_terminal is None:
+        to_terminal = logging.getLogger("combireg").isEnabledFor(logging.INFO)
+    handler = DaskLog()
+    logger.setLevel(logging.INFO)
+    if not to_terminal:
+        for old in saved[2]:
+            logger.removeHandler(old)  # distributed's own stderr handler, where it has one
+        logger.propagate = False
+    logger.addHandler(handler)
     try:
-        yield
+        yield handler
     finally:
-        logger.setLevel(previous)
+        logger.removeHandler(handler)
+        handler.close()
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        for old in saved[2]:
+            if old not in logger.handlers:
+                logger.addHandler(old)
 
 
 @contextlib.contextmanager
@@ -291,7 +397,9 @@ def dask_executor(workers: int | None = None, threads_per_worker: int | None = N
     if scheduler is not None and workers is not None:
         raise CombiregError("--workers starts a local cluster; with --scheduler the cluster's own workers run "
                             "the tasks (give one or the other)")
-    with _quiet_dask_logs():
+    with contextlib.ExitStack() as stack:
+        if not any(isinstance(h, DaskLog) for h in logging.getLogger("distributed").handlers):
+            stack.enter_context(dask_logs())  # nobody collects them: held, then dropped (or shown with -v)
         if scheduler is not None:
             started = _remote_executor(scheduler, threads_per_worker, connect_timeout)
         else:

@@ -3,6 +3,12 @@
 ITK is imported lazily so that the rest of the library (and its tests) start fast.
 Displacement fields are written as ITK vector images with three float32 components on the
 grid they are defined on, in LPS millimetres (the elastix/ITK/ANTs convention).
+
+NaN and Inf voxels are refused in every format (:func:`read_image`, :func:`read_array`). ITK's
+NIfTI reader (ITK 5.4, the vendored ``nifti_read_buffer``) silently replaces every non-finite
+float with 0, so for NIfTI files the voxel block is also read here with numpy, straight from
+the file (:func:`nifti_nonfinite_count`); MetaImage and NRRD keep NaN/Inf and are checked on
+ITK's array.
 """
 from __future__ import annotations
 
@@ -23,7 +29,9 @@ from .image import Image
 __all__ = [
     "SUPPORTED_SUFFIXES",
     "read_image",
+    "read_array",
     "read_channels",
+    "nifti_nonfinite_count",
     "write_image",
     "read_displacement",
     "write_displacement",
@@ -66,17 +74,9 @@ def _apply_geometry(itk_image, geometry: Geometry) -> None:
     itk_image.SetDirection(itk.matrix_from_array(geometry.direction_matrix.copy()))
 
 
-def read_image(path: str | os.PathLike) -> Image:
-    """Read one 3-D scalar image as float32, geometry included.
-
-    Raises
-    ------
-    CombiregError
-        Missing or unreadable file, unsupported format, not 3-D, not scalar, or non-finite
-        voxels.
-    """
+def _check_header(path: Path):
+    """The ITK ImageIO of a readable 3-D scalar image file (header checks only)."""
     itk = _itk()
-    path = Path(path)
     if not path.is_file():
         raise CombiregError(f"{path}: no such file")
     _check_suffix(path)
@@ -98,17 +98,137 @@ def read_image(path: str | os.PathLike) -> Image:
         raise CombiregError(f"{path}: expected a scalar image, got {ncomp} components per voxel")
     if len(effective) < 3 and ndim == 3:
         raise CombiregError(f"{path}: expected a 3-D volume, got size {sizes}")
-    try:
-        itk_image = itk.imread(str(path), itk.F)
-    except Exception as exc:
-        raise CombiregError(f"{path}: cannot read image ({_first_line(exc)})") from None
+    return io
+
+
+def _check_finite(path: Path, array: np.ndarray) -> None:
+    """Refuse NaN/Inf voxels: on ITK's array, and for NIfTI on the raw file (ITK zeroes them)."""
+    bad = 0
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+    if not bad and _is_nifti(path):
+        bad = nifti_nonfinite_count(path)
+    if bad:
+        raise CombiregError(f"{path}: contains {bad} NaN/Inf voxels")
+
+
+def read_image(path: str | os.PathLike) -> Image:
+    """Read one 3-D scalar image as float32, geometry included.
+
+    Raises
+    ------
+    CombiregError
+        Missing or unreadable file, unsupported format, not 3-D, not scalar, or non-finite
+        voxels (NaN/Inf, in any format).
+    """
+    itk = _itk()
+    path = Path(path)
+    _check_header(path)
+    itk_image = _imread(path, itk.F)
     if itk_image.GetImageDimension() != 3:
         raise CombiregError(f"{path}: expected a 3-D image")
     array = np.asarray(itk.array_view_from_image(itk_image), dtype=np.float32).copy()
-    if not np.all(np.isfinite(array)):
-        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-        raise CombiregError(f"{path}: contains {bad} NaN/Inf voxels")
+    _check_finite(path, array)
     return Image(torch.from_numpy(array)[None], geometry_from_itk(itk_image))
+
+
+def read_array(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
+    """Read one 3-D scalar image in the pixel type of the file (a label map keeps its integers).
+
+    Returns
+    -------
+    array : ndarray, (Z, Y, X)
+        The voxels in the file's own type where ITK's Python wrapping has it (uint8, int16,
+        uint16, int32, uint32, float32, float64; other types come as ITK converts them).
+    geometry : Geometry
+
+    Raises
+    ------
+    CombiregError
+        As :func:`read_image`.
+    """
+    itk = _itk()
+    path = Path(path)
+    _check_header(path)
+    itk_image = _imread(path)
+    if itk_image.GetImageDimension() != 3 or itk_image.GetNumberOfComponentsPerPixel() != 1:
+        raise CombiregError(f"{path}: expected a 3-D scalar image")
+    array = np.asarray(itk.array_view_from_image(itk_image)).copy()
+    _check_finite(path, array)
+    return array, geometry_from_itk(itk_image)
+
+
+# ---------------------------------------------------------------------------------- NIfTI raw data
+#: NIfTI datatype codes of floating-point voxels: code -> numpy type of one component.
+_NIFTI_FLOATS = {16: "f4", 64: "f8", 32: "f4", 1792: "f8"}  # float32, float64, complex64, complex128
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _open_raw(path: Path):
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def nifti_nonfinite_count(path: str | os.PathLike) -> int:
+    """Number of NaN/Inf components in a NIfTI-1 or NIfTI-2 file's voxel block, read with numpy.
+
+    Why: ITK 5.4's NIfTI reader replaces every non-finite float with 0 before anyone sees it
+    (``nifti_read_buffer``), so a NaN image would pass as a valid one. Integer datatypes cannot
+    hold NaN: 0 without reading the data. The block is streamed in chunks (bounded memory).
+
+    Raises
+    ------
+    CombiregError
+        A header that is neither NIfTI-1 nor NIfTI-2, or a voxel block shorter than the header says.
+    """
+    path = Path(path)
+    try:
+        with _open_raw(path) as fh:
+            head = fh.read(540)
+            layout = _nifti_layout(head, path)
+            if layout is None:
+                return 0
+            offset, count, dtype = layout
+            fh.seek(offset)
+            bad, left, chunk = 0, count, max(1, (16 << 20) // dtype.itemsize)
+            while left:
+                want = min(left, chunk)
+                data = fh.read(want * dtype.itemsize)
+                if len(data) < want * dtype.itemsize:
+                    raise CombiregError(f"{path}: the NIfTI voxel data are shorter than the header says")
+                values = np.frombuffer(data, dtype=dtype)
+                bad += int(values.size - np.count_nonzero(np.isfinite(values)))
+                left -= want
+    except (OSError, EOFError) as exc:
+        raise CombiregError(f"{path}: cannot read image ({_first_line(exc)})") from None
+    return bad
+
+
+def _nifti_layout(head: bytes, path: Path) -> tuple[int, int, np.dtype] | None:
+    """(voxel-data offset, float components, component dtype) of a NIfTI header; None when the
+    datatype is not floating point."""
+    for order in ("<", ">"):
+        if len(head) >= 348 and int(np.frombuffer(head[:4], order + "i4")[0]) == 348:
+            datatype = int(np.frombuffer(head[70:72], order + "i2")[0])
+            dims = np.frombuffer(head[40:56], order + "i2").astype(np.int64)
+            offset = int(np.frombuffer(head[108:112], order + "f4")[0])
+            break
+        if len(head) >= 540 and int(np.frombuffer(head[:4], order + "i4")[0]) == 540:
+            datatype = int(np.frombuffer(head[12:14], order + "i2")[0])
+            dims = np.frombuffer(head[16:80], order + "i8")
+            offset = int(np.frombuffer(head[168:176], order + "i8")[0])
+            break
+    else:
+        raise CombiregError(f"{path}: not a NIfTI-1 or NIfTI-2 header")
+    if datatype not in _NIFTI_FLOATS:
+        return None
+    ndim = int(min(max(dims[0], 1), 7))
+    count = int(np.prod([max(int(d), 1) for d in dims[1:ndim + 1]]))
+    if datatype in (32, 1792):
+        count *= 2  # complex: two float components per voxel
+    return max(offset, 348), count, np.dtype(order + _NIFTI_FLOATS[datatype])
 
 
 def read_channels(paths: Sequence[str | os.PathLike], *, role: str = "image") -> Image:
@@ -223,14 +343,20 @@ def read_displacement(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     path = Path(path)
     if not path.is_file():
         raise CombiregError(f"{path}: no such file")
-    try:
-        itk_image = itk.imread(str(path))
-    except Exception as exc:
-        raise CombiregError(f"{path}: cannot read field ({_first_line(exc)})") from None
+    itk_image = _imread(path, what="field")
     if itk_image.GetImageDimension() != 3 or itk_image.GetNumberOfComponentsPerPixel() != 3:
         raise CombiregError(f"{path}: not a 3-D displacement field with 3 components per voxel")
     array = np.asarray(itk.array_view_from_image(itk_image), dtype=np.float32).copy()
     return array, geometry_from_itk(itk_image)
+
+
+def _imread(path: Path, pixel_type=None, *, what: str = "image"):
+    """``itk.imread`` (in ``pixel_type``, else the file's), its errors as one CombiregError line."""
+    itk = _itk()
+    try:
+        return itk.imread(str(path), pixel_type) if pixel_type is not None else itk.imread(str(path))
+    except Exception as exc:
+        raise CombiregError(f"{path}: cannot read {what} ({_first_line(exc)})") from None
 
 
 def _first_line(exc: BaseException) -> str:

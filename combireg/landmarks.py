@@ -40,6 +40,12 @@ TRE: a target landmark ``x`` goes through the forward field (trilinear interpola
 displacement at the world point) to ``x + u(x)`` in source space, and
 ``TRE = |x + u(x) - s|`` mm for the corresponding source landmark ``s``
 (:func:`compute_tre`).
+
+Points outside the field's grid (beyond the hull of its voxel centres, :func:`outside_grid`)
+are mapped with the field's edge values (the value at the nearest grid point on the border)
+and reported with a warning and a count (``n_outside_grid`` in the TRE statistics); they never
+stop a run. A landmark set read from a file remembers that file's coordinate system
+(:attr:`Landmarks.space`), so that mapped points can be written back the way they came.
 """
 from __future__ import annotations
 
@@ -74,7 +80,8 @@ __all__ = [
     "read_elastix_points",
     "write_elastix_points",
     "match_landmarks",
-    "check_inside",
+    "outside_grid",
+    "warn_outside",
     "sample_displacement",
     "map_points",
     "tre_statistics",
@@ -107,11 +114,15 @@ class Landmarks:
     labelled : bool, optional
         Whether the labels are meaningful names (used to match two sets by label); default:
         whether ``labels`` was given.
+    space : {"lps", "ras", "index"} or None
+        The coordinate system of the file the points were read from (None: not read from a
+        file); :func:`write_landmarks` writes that system back when given it.
     """
 
     points_lps_mm: np.ndarray
     labels: list = field(default_factory=list)
     labelled: bool | None = None
+    space: str | None = None
 
     def __post_init__(self):
         self.points_lps_mm = np.asarray(self.points_lps_mm, dtype=np.float64).reshape(-1, 3)
@@ -182,7 +193,7 @@ def _finish(path: Path, points: list, labels: list, labelled: bool, space: str, 
         raise CombiregError(f"{path}: landmark {name!r} has non-finite coordinates")
     labelled = bool(labels) and labelled and all(labels)
     # Unlabelled points are named by their position in the file ("1".."N").
-    lm = Landmarks(_to_lps(pts, space, reference, path), labels if labelled else [], labelled=labelled)
+    lm = Landmarks(_to_lps(pts, space, reference, path), labels if labelled else [], labelled=labelled, space=space)
     _warn_outside_reference(lm, space, reference, path)
     return lm
 
@@ -368,13 +379,14 @@ def read_markups_json(path: str | os.PathLike, *, space: str | None = None, refe
     markups = doc.get("markups") if isinstance(doc, dict) else None
     if not isinstance(markups, list):
         raise CombiregError(f"{path}: not a Slicer markups file (no 'markups' list)")
-    points, labels, named = [], [], True
+    points, labels, named, systems = [], [], True, []
     for m, markup in enumerate(markups):
         if not isinstance(markup, dict):
             raise CombiregError(f"{path}: markups[{m}] is not an object")
         system = str(markup.get("coordinateSystem", "LPS")).upper()
         if system not in ("LPS", "RAS"):
             raise CombiregError(f"{path}: markups[{m}]: unknown coordinateSystem {system!r} (use LPS or RAS)")
+        systems.append(system.lower())
         units = str(markup.get("coordinateUnits", "mm"))
         if units != "mm":
             raise CombiregError(f"{path}: markups[{m}]: coordinateUnits {units!r} is not supported (use mm)")
@@ -397,7 +409,9 @@ def read_markups_json(path: str | os.PathLike, *, space: str | None = None, refe
             label = str(cp.get("label") or "").strip()
             named &= bool(label)
             labels.append(label)
-    return _finish(path, points, labels, named, "lps", reference)
+    landmarks = _finish(path, points, labels, named, "lps", reference)
+    landmarks.space = systems[0] if systems else "lps"  # the points were converted to LPS above
+    return landmarks
 
 
 # ====================================================================================== .csv
@@ -599,42 +613,56 @@ def match_landmarks(target: Landmarks, source: Landmarks) -> tuple[np.ndarray, n
 
 
 # ====================================================================================== mapping
-def check_inside(geometry, points_lps_mm: np.ndarray, labels=None, *, what: str = "the field's grid") -> np.ndarray:
-    """Continuous indices of world points in ``geometry``; an error names the first point outside."""
+def outside_grid(geometry, points_lps_mm: np.ndarray) -> np.ndarray:
+    """Boolean ``(N,)``: which world points lie outside ``geometry`` (its voxel centres' hull)."""
     points = np.asarray(points_lps_mm, dtype=np.float64).reshape(-1, 3)
-    index = geometry.world_to_index(points)
-    inside = geometry.contains_index(index)
-    if not np.all(inside):
-        bad = np.flatnonzero(~inside)
-        first = int(bad[0])
-        name = labels[first] if labels is not None else str(first + 1)
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise CombiregError(f"landmark {name!r} at LPS {np.round(points[first], 2).tolist()} mm lies outside "
-                            f"{what}{more}")
-    return index
+    return ~geometry.contains_index(geometry.world_to_index(points))
+
+
+def warn_outside(geometry, points_lps_mm: np.ndarray, labels=None, *, what: str = "landmark(s)",
+                 where: str = "the field's grid") -> np.ndarray:
+    """Log one warning naming how many points lie outside ``geometry`` (and the first few labels).
+
+    Returns
+    -------
+    ndarray of bool, (N,)
+        :func:`outside_grid`.
+    """
+    outside = outside_grid(geometry, points_lps_mm)
+    count = int(outside.sum())
+    if count:
+        names = [labels[i] if labels is not None else str(i + 1) for i in np.flatnonzero(outside)]
+        hint = "; is the coordinate space right (lps/ras/index)?" if count == len(outside) else ""
+        log.warning("%d of %d %s lie outside %s (%s): mapped with the field's edge values%s", count, len(outside),
+                    what, where, _few(names, 3), hint)
+    return outside
 
 
 def sample_displacement(displacement_lps_mm: np.ndarray, geometry, points_lps_mm: np.ndarray,
                         labels=None) -> np.ndarray:
     """Trilinear interpolation of a (Z, Y, X, 3) LPS-mm field at world points (N, 3).
 
-    Raises
-    ------
-    CombiregError
-        If a point lies outside the field's grid (named by its label).
+    A point outside the field's grid gets the field's edge values (the value at the nearest
+    grid point on the border: constant extrapolation); :func:`outside_grid` tells which.
+    ``labels`` is accepted for compatibility and not used.
     """
     from scipy.ndimage import map_coordinates
 
-    index = check_inside(geometry, points_lps_mm, labels)
-    coords = index[:, ::-1].T  # (z, y, x) array order
+    points = np.asarray(points_lps_mm, dtype=np.float64).reshape(-1, 3)
+    coords = geometry.world_to_index(points)[:, ::-1].T  # (z, y, x) array order
     field = np.asarray(displacement_lps_mm)
     return np.stack([map_coordinates(field[..., c], coords, order=1, mode="nearest") for c in range(3)], axis=-1)
 
 
 def map_points(displacement_lps_mm: np.ndarray, geometry, points_lps_mm: np.ndarray, labels=None) -> np.ndarray:
-    """Map target points x to source points x + u(x) through a forward field."""
+    """Map points x to x + u(x) through a field on ``geometry`` (a forward field: target -> source).
+
+    Points outside the field's grid are mapped with its edge values and counted in a warning
+    (:func:`warn_outside`).
+    """
     points = np.asarray(points_lps_mm, dtype=np.float64).reshape(-1, 3)
-    return points + sample_displacement(displacement_lps_mm, geometry, points, labels)
+    warn_outside(geometry, points, labels)
+    return points + sample_displacement(displacement_lps_mm, geometry, points)
 
 
 # ====================================================================================== TRE
@@ -677,6 +705,9 @@ class TreResult:
         ``|x + u(x) - s|``.
     initial_errors_mm : ndarray, (N,)
         ``|x - s|`` (the identity transform).
+    outside : ndarray of bool, (N,)
+        Target landmarks outside the field's grid (mapped with its edge values); all False
+        when no grid was given.
     """
 
     labels: list
@@ -685,10 +716,16 @@ class TreResult:
     mapped_points: np.ndarray
     errors_mm: np.ndarray
     initial_errors_mm: np.ndarray
+    outside: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.outside is None:
+            self.outside = np.zeros(len(self.labels), dtype=bool)
 
     @property
     def statistics(self) -> dict:
-        return tre_statistics(self.errors_mm, self.initial_errors_mm)
+        """:func:`tre_statistics` and ``n_outside_grid`` (target landmarks outside the field's grid)."""
+        return {**tre_statistics(self.errors_mm, self.initial_errors_mm), "n_outside_grid": int(self.outside.sum())}
 
     def rows(self) -> list[dict]:
         """One dict per landmark (label, points, initial error, error, improved)."""
@@ -701,6 +738,7 @@ class TreResult:
             row["initial_error_mm"] = float(self.initial_errors_mm[i])
             row["error_mm"] = float(self.errors_mm[i])
             row["improved"] = bool(self.errors_mm[i] < self.initial_errors_mm[i])
+            row["outside_grid"] = bool(self.outside[i])
             out.append(row)
         return out
 
@@ -732,25 +770,28 @@ def compute_tre(field, geometry, target: Landmarks, source: Landmarks) -> TreRes
     field : ndarray (Z, Y, X, 3) or None
         Forward displacement (LPS mm) on ``geometry``; None is the identity.
     geometry : Geometry or None
-        The field's grid. With ``field=None`` and a geometry, the target landmarks must still
-        lie inside it (a check before a registration).
+        The field's grid. With ``field=None`` and a geometry (a check before a registration),
+        target landmarks outside it are counted and warned about.
     target, source : Landmarks
+
+    Target landmarks outside the grid are mapped with the field's edge values, counted
+    (``outside``, ``n_outside_grid``) and named in a warning; they never raise.
 
     Raises
     ------
     CombiregError
-        Landmarks that do not match, or a target landmark outside the grid.
+        Landmarks that do not match.
     """
     t, s, labels = match_landmarks(target, source)
-    if field is None:
-        if geometry is not None:
-            check_inside(geometry, t, labels, what="the target image grid")
-        mapped = t.copy()
-    else:
-        if geometry is None:
-            raise ValueError("a field needs its geometry")
-        mapped = map_points(field, geometry, t, labels)
-    return TreResult(labels, t, s, mapped, np.linalg.norm(mapped - s, axis=1), np.linalg.norm(t - s, axis=1))
+    if field is not None and geometry is None:
+        raise ValueError("a field needs its geometry")
+    outside = None
+    if geometry is not None:
+        where = "the target image grid" if field is None else "the field's grid"
+        outside = warn_outside(geometry, t, labels, what="target landmark(s)", where=where)
+    mapped = t.copy() if field is None else t + sample_displacement(field, geometry, t)
+    return TreResult(labels, t, s, mapped, np.linalg.norm(mapped - s, axis=1), np.linalg.norm(t - s, axis=1),
+                     outside)
 
 
 def tre_from_files(field: str | os.PathLike | None, target: str | os.PathLike, source: str | os.PathLike, *,

@@ -1,20 +1,25 @@
 """The tables of an evaluation: results.csv, and the statistics and reports made from it.
 
 ``results.csv``
-    One row per case x method (:data:`RESULT_COLUMNS`): status, TRE statistics (mm),
+    One row per case x method (:data:`RESULT_COLUMNS`): status, TRE statistics (mm; blank
+    for a case without landmarks), label overlap (mean Dice over the labels present in both
+    label maps, mean HD95 in mm, before and after; blank for a case without label maps),
     registration time, peak resident memory during the cell, % folding (non-positive
     Jacobian). A row is appended as soon as its cell finishes, so an interrupted run
     resumes: cells already ``ok`` with the same SPEC are skipped, failed cells rerun.
 ``summary.md``
-    Per method, over its successful cases: mean ± std (across cases) of the per-case
-    mean TRE and the median of the per-case median TRE, also pooled over all landmarks;
-    the paired t-tests; failed cells.
+    Per method, over its successful cases with landmarks: mean ± std (across cases) of the
+    per-case mean TRE and the median of the per-case median TRE, also pooled over all
+    landmarks; over its cases with label maps: mean ± std and median of the per-case mean
+    Dice, and mean ± std of the per-case mean HD95; the paired t-tests; failed cells.
 ``ttests.csv``
-    Paired t-tests (``scipy.stats.ttest_rel``) on per-case mean TRE for each compared
-    pair A:B over the cases both finished: mean difference A - B, its 95% confidence
-    interval (t distribution), t and p.
-``tre_boxplot.png``
-    Box plot of the per-case mean TRE per method (and of the initial TRE).
+    Paired t-tests (``scipy.stats.ttest_rel``), one row per metric (``tre``: per-case mean
+    TRE; ``dice``: per-case mean Dice) present in the results and compared pair A:B, over
+    the cases where both have it: mean difference A - B, its 95% confidence interval (t
+    distribution), t and p.
+``tre_boxplot.png``, ``dice_boxplot.png``
+    Box plots of the per-case mean TRE and mean Dice per method (and of the initial values),
+    each where there are such values.
 
 :mod:`combireg.evaluate` runs the cells and appends their rows; ``combireg compare`` reports
 its methods with the same rows.
@@ -40,7 +45,10 @@ __all__ = [
     "SUMMARY_NAME",
     "TTESTS_NAME",
     "BOXPLOT_NAME",
+    "DICE_BOXPLOT_NAME",
     "CELL_TRE_CSV",
+    "CELL_DICE_CSV",
+    "METRICS",
     "RESULT_COLUMNS",
     "NEAR_LESION_MM",
     "failed_row",
@@ -50,6 +58,7 @@ __all__ = [
     "parse_comparisons",
     "paired_t_test",
     "method_summary",
+    "dice_summary",
     "summary_markdown",
     "write_reports",
 ]
@@ -60,8 +69,13 @@ RESULTS_NAME = "results.csv"
 SUMMARY_NAME = "summary.md"
 TTESTS_NAME = "ttests.csv"
 BOXPLOT_NAME = "tre_boxplot.png"
+DICE_BOXPLOT_NAME = "dice_boxplot.png"
 #: Each cell's per-landmark errors, beside its outputs (read back for the pooled statistics).
 CELL_TRE_CSV = "tre.csv"
+#: Each cell's per-label Dice and HD95, beside its outputs.
+CELL_DICE_CSV = "dice.csv"
+#: The per-case numbers the paired t-tests compare: metric -> results.csv column.
+METRICS = {"tre": "tre_mean", "dice": "dice_mean"}
 
 #: Columns of results.csv, in order.
 RESULT_COLUMNS = (
@@ -70,6 +84,7 @@ RESULT_COLUMNS = (
     "initial_mean", "initial_std", "initial_median", "initial_p95", "initial_max", "robustness",
     "time_s", "cell_time_s", "peak_memory_mb", "folding_percent", "jacobian_min", "outdir",
     "n_near_lesion", "tre_near_lesion_mean", "initial_near_lesion_mean",
+    "n_labels", "dice_mean", "initial_dice_mean", "hd95_mean", "initial_hd95_mean",
 )
 #: Landmarks at most this far (mm) from the manifest's lesion mask count as "near the lesion".
 NEAR_LESION_MM = 20.0
@@ -196,19 +211,39 @@ def _pooled_errors(outdir: Path, rows: list[dict], column: str) -> np.ndarray:
     return np.asarray(values)
 
 
-def method_summary(outdir: Path, rows: dict, cases: Sequence[Case], methods: Sequence[MethodSpec]) -> list[dict]:
-    """One summary dict per method (and a first one for the initial TRE), over successful cases."""
-    ids = [c.id for c in cases]
-    out = []
-    initial_rows = {}
+def _ok_rows(rows: dict, ids: Sequence[str], method: str, column: str) -> list[dict]:
+    """The successful rows of one method that have a number in ``column``, in case order."""
+    found = [rows.get((cid, method)) for cid in ids]
+    return [r for r in found if r and r.get("status") == "ok" and _is_number(r.get(column))]
+
+
+def _initial_rows(rows: dict, ids: Sequence[str], methods: Sequence[MethodSpec], column: str) -> list[dict]:
+    """Per case, the first method's successful row with ``column``: the identity's numbers."""
+    chosen = {}
     for m in methods:
-        for cid in ids:
-            r = rows.get((cid, m.name))
-            if r and r.get("status") == "ok":
-                initial_rows.setdefault(cid, r)
-    entries = [("initial (identity)", [initial_rows[c] for c in ids if c in initial_rows], "initial")]
-    entries += [(m.name, [rows[(c, m.name)] for c in ids if rows.get((c, m.name), {}).get("status") == "ok"], "tre")
-                for m in methods]
+        for r in _ok_rows(rows, ids, m.name, column):
+            chosen.setdefault(r["case"], r)
+    return [chosen[c] for c in ids if c in chosen]
+
+
+def _costs(ok: list[dict]) -> dict:
+    """Mean time, peak memory and folding of some rows."""
+    out = {}
+    for key in ("time_s", "peak_memory_mb", "folding_percent"):
+        vals = np.array([r[key] for r in ok if isinstance(r.get(key), float)])
+        out[key] = float(vals.mean()) if vals.size else math.nan
+    return out
+
+
+def method_summary(outdir: Path, rows: dict, cases: Sequence[Case], methods: Sequence[MethodSpec]) -> list[dict]:
+    """One TRE summary dict per method (and a first one for the initial TRE), over successful
+    cases with landmarks; empty when no case has any."""
+    ids = [c.id for c in cases]
+    if not any(_ok_rows(rows, ids, m.name, "tre_mean") for m in methods):
+        return []
+    out = []
+    entries = [("initial (identity)", _initial_rows(rows, ids, methods, "tre_mean"), "initial")]
+    entries += [(m.name, _ok_rows(rows, ids, m.name, "tre_mean"), "tre") for m in methods]
     for name, ok, prefix in entries:
         per_case_mean = np.array([r[f"{prefix}_mean"] for r in ok], dtype=np.float64)
         per_case_median = np.array([r[f"{prefix}_median"] for r in ok], dtype=np.float64)
@@ -230,20 +265,53 @@ def method_summary(outdir: Path, rows: dict, cases: Sequence[Case], methods: Seq
         # pooled over the cases' near landmarks: sum of n * mean over sum of n
         summary["near_lesion_mean"] = sum(n * m for n, m in near) / count if count else math.nan
         if prefix == "tre":
-            for key in ("robustness", "time_s", "peak_memory_mb", "folding_percent"):
-                vals = np.array([r[key] for r in ok if isinstance(r.get(key), float)])
-                summary[key] = float(vals.mean()) if vals.size else math.nan
+            robustness = np.array([r["robustness"] for r in ok if isinstance(r.get("robustness"), float)])
+            summary["robustness"] = float(robustness.mean()) if robustness.size else math.nan
+            summary.update(_costs(ok))
+        out.append(summary)
+    return out
+
+
+def dice_summary(rows: dict, cases: Sequence[Case], methods: Sequence[MethodSpec]) -> list[dict]:
+    """One label-overlap summary dict per method (and a first one for the identity), over
+    successful cases with label maps; empty when no case has any.
+
+    Keys: ``method``, ``cases_ok``, ``cases``, ``dice_mean``, ``dice_std``, ``dice_median``
+    (across cases, of each case's mean Dice), ``hd95_mean``, ``hd95_std`` (of each case's mean
+    HD95, mm), ``per_case_dice``, and for methods the mean time, peak memory and folding.
+    """
+    ids = [c.id for c in cases]
+    if not any(_ok_rows(rows, ids, m.name, "dice_mean") for m in methods):
+        return []
+    entries = [("initial (identity)", _initial_rows(rows, ids, methods, "initial_dice_mean"), "initial_")]
+    entries += [(m.name, _ok_rows(rows, ids, m.name, "dice_mean"), "") for m in methods]
+    out = []
+    for name, ok, prefix in entries:
+        dice = np.array([r[f"{prefix}dice_mean"] for r in ok], dtype=np.float64)
+        hd95 = np.array([r[f"{prefix}hd95_mean"] for r in ok if _is_number(r.get(f"{prefix}hd95_mean"))])
+        mean, std = _mean_std(dice)
+        hmean, hstd = _mean_std(hd95)
+        summary = {"method": name, "cases_ok": len(ok), "cases": len(ids), "dice_mean": mean, "dice_std": std,
+                   "dice_median": float(np.median(dice)) if dice.size else math.nan,
+                   "hd95_mean": hmean, "hd95_std": hstd, "per_case_dice": dice.tolist()}
+        if not prefix:
+            summary.update(_costs(ok))
         out.append(summary)
     return out
 
 
 def _comparisons(rows: dict, cases: Sequence[Case], pairs: Sequence[tuple[str, str]]) -> list[dict]:
+    """Paired t-tests per metric present in the rows (:data:`METRICS`) and per pair."""
     tests = []
-    for a, b in pairs:
-        both = [c.id for c in cases
-                if rows.get((c.id, a), {}).get("status") == "ok" and rows.get((c.id, b), {}).get("status") == "ok"]
-        res = paired_t_test([rows[(c, a)]["tre_mean"] for c in both], [rows[(c, b)]["tre_mean"] for c in both])
-        tests.append({"a": a, "b": b, **res})
+    ids = [c.id for c in cases]
+    for metric, column in METRICS.items():
+        if not any(_is_number(r.get(column)) and r.get("status") == "ok" for r in rows.values()):
+            continue
+        for a, b in pairs:
+            have_a = {r["case"] for r in _ok_rows(rows, ids, a, column)}
+            both = [c for c in ids if c in have_a and c in {r["case"] for r in _ok_rows(rows, ids, b, column)}]
+            res = paired_t_test([rows[(c, a)][column] for c in both], [rows[(c, b)][column] for c in both])
+            tests.append({"metric": metric, "a": a, "b": b, **res})
     return tests
 
 
@@ -252,8 +320,8 @@ def _fmt(value: float, digits: int = 2) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def _pm(mean: float, std: float) -> str:
-    return "n/a" if math.isnan(mean) else f"{mean:.2f} ± {std:.2f}"
+def _pm(mean: float, std: float, digits: int = 2) -> str:
+    return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def _p(value: float) -> str:
@@ -262,23 +330,8 @@ def _p(value: float) -> str:
     return f"{value:.2e}" if value < 1e-3 else f"{value:.4f}"
 
 
-def summary_markdown(manifest: Path, summaries: list[dict], tests: list[dict], rows: dict,
-                     cases: Sequence[Case], methods: Sequence[MethodSpec]) -> str:
-    """The text of summary.md."""
-    with_lesion = any(c.lesion is not None for c in cases)
+def _tre_section(summaries: list[dict], with_lesion: bool) -> list[str]:
     lines = [
-        "# combireg evaluate",
-        "",
-        f"Manifest `{manifest}`: {len(cases)} case(s), {len(methods)} method(s); combireg {__version__}.",
-        "",
-        "TRE_i = |x_i + u(x_i) - s_i| in mm (target landmark x_i mapped through the forward field, "
-        "source landmark s_i). *Per case*: mean ± std over cases of each case's mean TRE, and the "
-        "median over cases of each case's median TRE. *All landmarks*: pooled over the cases. "
-        "Robustness: fraction of landmarks whose error went down (BraTS-Reg), mean over cases. "
-        "Time: registration wall time; memory: peak resident memory during the case."
-        + (f" Near the lesion: TRE pooled over the landmarks at most {NEAR_LESION_MM:g} mm from the manifest's "
-           "lesion mask (distance from the target landmark to the nearest lesion voxel)." if with_lesion else ""),
-        "",
         "## TRE per method",
         "",
         "| Method | Cases | TRE mean ± std (mm) | TRE median (mm) | All landmarks mean ± std (mm) "
@@ -287,24 +340,66 @@ def summary_markdown(manifest: Path, summaries: list[dict], tests: list[dict], r
         "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if with_lesion else ""),
     ]
     for s in summaries:
-        extra = [_fmt(s.get("robustness", math.nan), 3), _fmt(s.get("time_s", math.nan), 1),
-                 _fmt(s.get("peak_memory_mb", math.nan), 0), _fmt(s.get("folding_percent", math.nan), 3)]
-        if "robustness" not in s:
-            extra = ["", "", "", ""]
+        extra = [_fmt(s.get("robustness", math.nan), 3), *_cost_cells(s)] if "robustness" in s else [""] * 4
         lines.append(f"| {s['method']} | {s['cases_ok']}/{s['cases']} | {_pm(s['case_mean'], s['case_std'])} | "
                      f"{_fmt(s['case_median'])} | {_pm(s['landmark_mean'], s['landmark_std'])} | "
                      f"{_fmt(s['landmark_median'])} | " + " | ".join(extra) + " |"
                      + (f" {_fmt(s['near_lesion_mean'])} | {s['near_lesion_n']} |" if with_lesion else ""))
-    lines += ["", "## Paired t-tests (per-case mean TRE)", ""]
+    return lines
+
+
+def _cost_cells(s: dict) -> list[str]:
+    return [_fmt(s.get("time_s", math.nan), 1), _fmt(s.get("peak_memory_mb", math.nan), 0),
+            _fmt(s.get("folding_percent", math.nan), 3)]
+
+
+def _dice_section(summaries: list[dict], with_costs: bool) -> list[str]:
+    lines = ["## Dice per method", "",
+             "| Method | Cases | Dice mean ± std | Dice median | HD95 mean ± std (mm) |"
+             + (" Time (s) | Peak memory (MB) | Folding (%) |" if with_costs else ""),
+             "|---|---|---|---|---|" + ("---|---|---|" if with_costs else "")]
+    for s in summaries:
+        costs = (" " + " | ".join(_cost_cells(s) if "time_s" in s else [""] * 3) + " |") if with_costs else ""
+        lines.append(f"| {s['method']} | {s['cases_ok']}/{s['cases']} | {_pm(s['dice_mean'], s['dice_std'], 3)} | "
+                     f"{_fmt(s['dice_median'], 3)} | {_pm(s['hd95_mean'], s['hd95_std'])} |" + costs)
+    return lines
+
+
+def summary_markdown(dataset: Path, summaries: list[dict], dice_summaries: list[dict], tests: list[dict], rows: dict,
+                     cases: Sequence[Case], methods: Sequence[MethodSpec]) -> str:
+    """The text of summary.md (TRE and Dice sections where the cases have landmarks and labels)."""
+    with_lesion = any(c.lesion is not None for c in cases)
+    lines = ["# combireg evaluate", "",
+             f"Dataset `{dataset}`: {len(cases)} case(s), {len(methods)} method(s); combireg {__version__}.", ""]
+    if summaries:
+        lines += [
+            "TRE_i = |x_i + u(x_i) - s_i| in mm (target landmark x_i mapped through the forward field, "
+            "source landmark s_i). *Per case*: mean ± std over cases of each case's mean TRE, and the "
+            "median over cases of each case's median TRE. *All landmarks*: pooled over the cases. "
+            "Robustness: fraction of landmarks whose error went down (BraTS-Reg), mean over cases. "
+            "Time: registration wall time; memory: peak resident memory during the case."
+            + (f" Near the lesion: TRE pooled over the landmarks at most {NEAR_LESION_MM:g} mm from the manifest's "
+               "lesion mask (distance from the target landmark to the nearest lesion voxel)." if with_lesion else ""),
+            "", *_tre_section(summaries, with_lesion), ""]
+    if dice_summaries:
+        lines += [
+            "Dice per label between the target's label map and the source's carried into target space (nearest "
+            "neighbour), over the labels present in both label maps; a case's Dice is the mean over its labels, "
+            "HD95 (mm) the mean over its labels of the 95th-percentile surface distance. Mean ± std and median over "
+            "cases.", "", *_dice_section(dice_summaries, with_costs=not summaries), ""]
+    if not summaries and not dice_summaries:
+        lines += ["No successful case with landmarks or label maps: no TRE or Dice to report.", ""]
+    lines += ["## Paired t-tests (per-case mean TRE in mm, per-case mean Dice)", ""]
     if tests:
-        lines += ["| A | B | Cases | Mean A (mm) | Mean B (mm) | Mean difference A − B (mm) | 95% CI (mm) | t | p |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| Metric | A | B | Cases | Mean A | Mean B | Mean difference A − B | 95% CI | t | p |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for t in tests:
             ci = "n/a" if math.isnan(t["ci_low"]) else f"[{t['ci_low']:.3f}, {t['ci_high']:.3f}]"
-            lines.append(f"| {t['a']} | {t['b']} | {t['n']} | {_fmt(t['mean_a'], 3)} | {_fmt(t['mean_b'], 3)} | "
-                         f"{_fmt(t['mean_difference'], 3)} | {ci} | {_fmt(t['t'], 3)} | {_p(t['p_value'])} |")
+            lines.append(f"| {'TRE' if t['metric'] == 'tre' else 'Dice'} | {t['a']} | {t['b']} | {t['n']} | "
+                         f"{_fmt(t['mean_a'], 3)} | {_fmt(t['mean_b'], 3)} | {_fmt(t['mean_difference'], 3)} | {ci} | "
+                         f"{_fmt(t['t'], 3)} | {_p(t['p_value'])} |")
     else:
-        lines.append("No pairs to compare (one method).")
+        lines.append("No pairs to compare (one method)." if len(methods) < 2 else "No TRE or Dice to compare.")
     failed = [(c.id, m.name, rows[(c.id, m.name)].get("error", "")) for c in cases for m in methods
               if rows.get((c.id, m.name), {}).get("status") == "failed"]
     lines += ["", "## Failed cells", ""]
@@ -313,14 +408,14 @@ def summary_markdown(manifest: Path, summaries: list[dict], tests: list[dict], r
     return "\n".join(lines) + "\n"
 
 
-def write_boxplot(path: Path, summaries: list[dict]) -> bool:
-    """Box plot of per-case mean TRE per method; False (nothing written) when there is no data."""
+def write_boxplot(path: Path, summaries: list[dict], key: str = "per_case_mean",
+                  label: str = "per-case mean TRE (mm)", title: str = "TRE per method") -> bool:
+    """Box plot of one per-case number per method; False (nothing written) when there is no data."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    data = [(s["method"], s["per_case_mean"]) for s in summaries if s["per_case_mean"]]
+    data = [(s["method"], s[key]) for s in summaries if s[key]]
     if not data:
-        log.warning("no successful cases: no box plot written")
         return False
     fig = Figure(figsize=(max(4.0, 1.3 * len(data) + 1.5), 4.5), dpi=120)
     FigureCanvasAgg(fig)
@@ -330,8 +425,8 @@ def write_boxplot(path: Path, summaries: list[dict]) -> bool:
     rng = np.random.default_rng(0)
     for i, (_, values) in enumerate(data, start=1):
         ax.plot(i + rng.uniform(-0.08, 0.08, len(values)), values, "o", ms=3, alpha=0.6, color="tab:blue")
-    ax.set_ylabel("per-case mean TRE (mm)")
-    ax.set_title("TRE per method")
+    ax.set_ylabel(label)
+    ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -339,7 +434,7 @@ def write_boxplot(path: Path, summaries: list[dict]) -> bool:
 
 
 def write_tests_csv(path: Path, tests: list[dict]) -> None:
-    keys = ["a", "b", "n", "mean_a", "mean_b", "mean_difference", "ci_low", "ci_high", "t", "p_value"]
+    keys = ["metric", "a", "b", "n", "mean_a", "mean_b", "mean_difference", "ci_low", "ci_high", "t", "p_value"]
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
@@ -347,12 +442,16 @@ def write_tests_csv(path: Path, tests: list[dict]) -> None:
             writer.writerow({k: _format(t[k]) for k in keys})
 
 
-def write_reports(outdir: Path, manifest: Path, rows: dict, cases: Sequence[Case], methods: Sequence[MethodSpec],
-                  pairs: Sequence[tuple[str, str]]) -> tuple[list[dict], list[dict]]:
-    """summary.md, ttests.csv and the box plot from the results; returns (summaries, tests)."""
+def write_reports(outdir: Path, dataset: Path, rows: dict, cases: Sequence[Case], methods: Sequence[MethodSpec],
+                  pairs: Sequence[tuple[str, str]]) -> tuple[list[dict], list[dict], list[dict]]:
+    """summary.md, ttests.csv and the box plots from the results; returns (TRE summaries,
+    Dice summaries, tests)."""
     summaries = method_summary(outdir, rows, cases, methods)
+    dice = dice_summary(rows, cases, methods)
     tests = _comparisons(rows, cases, pairs)
-    (outdir / SUMMARY_NAME).write_text(summary_markdown(manifest, summaries, tests, rows, cases, methods))
+    (outdir / SUMMARY_NAME).write_text(summary_markdown(dataset, summaries, dice, tests, rows, cases, methods))
     write_tests_csv(outdir / TTESTS_NAME, tests)
-    write_boxplot(outdir / BOXPLOT_NAME, summaries)
-    return summaries, tests
+    if not (write_boxplot(outdir / BOXPLOT_NAME, summaries)
+            | write_boxplot(outdir / DICE_BOXPLOT_NAME, dice, "per_case_dice", "per-case mean Dice", "Dice per method")):
+        log.warning("no successful cases with landmarks or label maps: no box plot written")
+    return summaries, dice, tests

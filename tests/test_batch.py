@@ -290,3 +290,64 @@ def test_worker_tasks_keep_large_allocations(cluster):
     assert keep_large_allocations() is True
     with Client(cluster) as client:
         assert client.submit(call_with_thread_limit, 1, keep_large_allocations, pure=False).result() is True
+
+
+# ------------------------------------------------------------------------------ cohorts without ground truth
+def test_a_cohort_without_landmarks_runs_and_resumes_on_a_local_cluster(data, tmp_path):
+    """`combireg batch` on an id,source,target manifest, as a user runs it: its own LocalCluster,
+    a progress bar and one summary line on the terminal, dask's log lines in DIR/dask.log; the
+    rerun skips the finished cases."""
+    import subprocess
+
+    rows = "".join(f"{cid},{data}/{cid}/source.nii.gz,{data}/{cid}/target.nii.gz\n" for cid in ("c0", "c1"))
+    (tmp_path / "cohort.csv").write_text("id,source,target\n" + rows)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "combireg.cli.main", "batch", str(tmp_path / "cohort.csv"), "-o", str(out),
+               "-p", str(data / "tiny.txt"), "--workers", "1", "--threads-per-worker", "1", "--device", "cpu"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines()[0].startswith("batch: 2 done, 0 skipped, 0 failed in ")
+    assert "distributed" not in first.stderr and "INFO" not in first.stderr  # dask is quiet on the terminal
+    dask_log = (out / "dask.log").read_text()
+    assert "distributed.scheduler" in dask_log and dask_log.count("\n") >= 10
+    for cid in ("c0", "c1"):
+        assert case_complete(out / cid, 1)
+        report = json.loads((out / cid / "report.json").read_text())
+        assert "tre" not in report  # no ground truth: no TRE, nothing fails
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("batch: 0 done, 2 skipped, 0 failed") and "no cluster needed" in again.stdout
+
+
+def test_landmarks_outside_the_grid_never_sink_a_batch_case(data, cluster, tmp_path):
+    """A landmark just outside the target grid: the case is done, its TRE counts the point
+    (edge values), and the warning is in batch_summary.json, not on the worker's terminal."""
+    from combireg.landmarks import read_landmarks, write_landmarks
+
+    geometry = Geometry((20, 18, 16), origin=(-15.0, -12.0, 10.0), spacing=(2.0, 1.8, 2.2),
+                        direction=tuple(oblique_direction().ravel()))
+    lm = read_landmarks(data / "c0" / "target.fcsv")
+    lm.points_lps_mm[0] = geometry.index_to_world(np.array([[-0.6, 5.0, 5.0]]))[0]
+    write_landmarks(tmp_path / "target.fcsv", lm)
+    (tmp_path / "m.csv").write_text(HEADER + f"edge,{data}/c0/source.nii.gz,{data}/c0/target.nii.gz,"
+                                             f"{tmp_path}/target.fcsv,{data}/c0/source.fcsv\n")
+    summary = run_batch(tmp_path / "m.csv", tmp_path / "out", params=data / "tiny.txt", scheduler=cluster,
+                        threads_per_worker=1)
+    assert summary.done == 1 and summary.failed == [] and summary.warnings >= 1
+    record = json.loads((tmp_path / "out" / SUMMARY_NAME).read_text())["cases"]["edge"]
+    assert record["status"] == "done" and record["tre_n_outside_grid"] == 1
+    assert any("1 of 3 target landmark(s) lie outside" in w for w in record["warnings"])
+    assert "warning(s) in batch_summary.json" in summary.line()
+
+
+def test_batch_registers_a_brats_reg_folder(cluster, tmp_path):
+    from tests.datasets import make_brats_reg
+
+    make_brats_reg(tmp_path / "brats", {"BraTSReg_007": (2.0, 0.0, -1.0)})
+    (tmp_path / "tiny.txt").write_text(TINY)
+    summary = run_batch(tmp_path / "brats", tmp_path / "out", params=tmp_path / "tiny.txt", scheduler=cluster,
+                        threads_per_worker=1)
+    assert summary.done == 1
+    report = json.loads((tmp_path / "out" / "BraTSReg_007" / "report.json").read_text())
+    assert report["target"]["channels"] == 4 and case_complete(tmp_path / "out" / "BraTSReg_007", 4)
+    assert report["tre"]["statistics"]["initial_mean"] == pytest.approx(np.sqrt(5.0), abs=1e-3)

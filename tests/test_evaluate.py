@@ -9,7 +9,6 @@ from click.testing import CliRunner
 from scipy import stats
 
 from combireg.cli.main import main
-from combireg.cases import read_manifest
 from combireg.errors import CombiregError
 from combireg.methods import SPEC_KEYS, parse_method
 from combireg.summary import paired_t_test, parse_comparisons, read_results
@@ -236,28 +235,7 @@ def test_paired_t_test_numbers():
     assert math.isnan(same["p_value"]) and same["ci_low"] == same["ci_high"] == 0.0
 
 
-# ------------------------------------------------------------------------------ manifests
-def test_manifest_paths_are_relative_to_the_manifest():
-    cases = read_manifest(SAMPLES / "manifest.csv")
-    assert [c.id for c in cases] == ["case0000", "case0001"]
-    assert cases[0].source == (SAMPLES / "case0000/source_t1.nii.gz", SAMPLES / "case0000/source_t2.nii.gz")
-    assert not cases[1].missing_files()
-
-
-@pytest.mark.parametrize("text,message", [
-    ("", "lacks column"),
-    ("id,source,target\nx,a,b\n", r"lacks column\(s\) target_landmarks, source_landmarks"),
-    ("id,source,target,target_landmarks,source_landmarks\n", "no cases"),
-    ("id,source,target,target_landmarks,source_landmarks\na,s,t,,l\n", "empty field"),
-    ("id,source,target,target_landmarks,source_landmarks\na,s,t,l,l\na,s,t,l,l\n", "duplicate case id"),
-    ("id,source,target,target_landmarks,source_landmarks\n../x,s,t,l,l\n", "case id"),
-])
-def test_bad_manifests(tmp_path, text, message):
-    (tmp_path / "m.csv").write_text(text)
-    with pytest.raises(CombiregError, match=message):
-        read_manifest(tmp_path / "m.csv")
-
-
+# ------------------------------------------------------------------------------ command errors
 @pytest.mark.parametrize("args,message", [
     (["MISSING", "--method", "a=PARAMS"], "no such manifest"),
     (["MANIFEST", "--method", "a=PARAMS", "--compare", "a:b"], "unknown method 'b'"),
@@ -414,3 +392,98 @@ def test_mask_exclude_lesion_masks_the_lesion_out_of_the_similarity(tmp_path, mo
         parse_method(f"bad={params},mask:lesion")
     with pytest.raises(CombiregError, match="takes no"):
         parse_method("base=baseline:elastix,mask:exclude-lesion")
+
+
+# ------------------------------------------------------------------------------ datasets as downloaded
+SHORT = '(NumberOfResolutions 1)\n(ImagePyramidSchedule 2 2 2)\n(Metric "MSE")\n(MaximumNumberOfIterations 5)\n'
+LONG = '(NumberOfResolutions 2)\n(ImagePyramidSchedule 4 4 4 2 2 2)\n(Metric "MSE")\n(MaximumNumberOfIterations 30 15)\n'
+
+
+def _two_methods(folder):
+    (folder / "short.txt").write_text(SHORT)
+    (folder / "long.txt").write_text(LONG)
+    return ["-m", f"short={folder / 'short.txt'}", "-m", f"long={folder / 'long.txt'}"]
+
+
+def test_evaluate_a_brats_reg_folder_end_to_end(tmp_path):
+    """Baseline = target, follow-up = source, four sequences as channels; TRE table and t-test."""
+    from tests.datasets import make_brats_reg
+
+    shifts = {"BraTSReg_001": (3.0, -2.5, 1.5), "BraTSReg_002": (0.0, 3.5, -1.0)}
+    make_brats_reg(tmp_path / "BraTSReg_Training_Data_v3", shifts)
+    out = tmp_path / "out"
+    res = invoke("evaluate", tmp_path / "BraTSReg_Training_Data_v3", *_two_methods(tmp_path), "-o", out, "-q")
+    assert res.exit_code == 0, res.output
+    rows = read_results(out / "results.csv")
+    for cid, shift in shifts.items():
+        for method in ("short", "long"):
+            row = rows[(cid, method)]
+            assert row["status"] == "ok" and row["n_landmarks"] == 4
+            assert row["initial_mean"] == pytest.approx(np.linalg.norm(shift), abs=1e-3)
+            assert row["dice_mean"] == ""  # no label maps: no Dice
+        assert rows[(cid, "long")]["tre_mean"] < rows[(cid, "long")]["initial_mean"]
+        report = json.loads((out / rows[(cid, "long")]["outdir"] / "report.json").read_text())
+        assert report["target"]["channels"] == 4
+    summary = (out / "summary.md").read_text()
+    assert "## TRE per method" in summary and "## Dice per method" not in summary
+    assert "| TRE | short | long | 2 |" in summary
+    assert [t["metric"] for t in _csv_rows(out / "ttests.csv")] == ["tre"]
+    assert (out / "tre_boxplot.png").is_file() and not (out / "dice_boxplot.png").exists()
+
+
+def test_evaluate_a_learn2reg_json_end_to_end(tmp_path):
+    """registration_val pairs; Dice and HD95 where labels exist, TRE where keypoints exist; the
+    Dice of a cell equals an independent `combireg apply --labels` + Dice from the saved field."""
+    from combireg import io
+    from combireg.overlap import dice
+    from tests.datasets import make_learn2reg
+
+    shifts = {"0001": (3.0, -2.5, 1.5), "0002": (0.0, 3.5, -1.0)}
+    json_path = make_learn2reg(tmp_path / "TOY", shifts, keypoints_for=("0001",))
+    out = tmp_path / "out"
+    res = invoke("evaluate", json_path, *_two_methods(tmp_path), "-o", out, "-q", "--compare", "long:short")
+    assert res.exit_code == 0, res.output
+    rows = read_results(out / "results.csv")
+    with_kp, labels_only = rows[("0001_0000-0001_0001", "long")], rows[("0002_0000-0002_0001", "long")]
+    assert with_kp["n_landmarks"] == 4 and with_kp["initial_mean"] == pytest.approx(np.linalg.norm(shifts["0001"]), abs=1e-3)
+    assert labels_only["tre_mean"] == "" and labels_only["n_landmarks"] == ""
+    for row in (with_kp, labels_only):
+        assert row["n_labels"] == 3 and 0.0 < row["initial_dice_mean"] < row["dice_mean"] <= 1.0
+        assert row["hd95_mean"] < row["initial_hd95_mean"]
+        per_label = _csv_rows(out / row["outdir"] / "dice.csv")
+        assert [r["label"] for r in per_label] == ["1", "4", "9"]
+        assert np.mean([float(r["dice"]) for r in per_label]) == pytest.approx(row["dice_mean"], rel=1e-5)
+    case = "0002_0000-0002_0001"
+    warped = tmp_path / "warped_labels.nii.gz"
+    again = invoke("apply", out / rows[(case, "long")]["outdir"] / "field.nii.gz",
+                   tmp_path / "TOY/labelsTr/TOY_0002_0001.nii.gz", "-o", warped, "--labels")
+    assert again.exit_code == 0, again.output
+    target_labels, _ = io.read_array(tmp_path / "TOY/labelsTr/TOY_0002_0000.nii.gz")
+    moved, _ = io.read_array(warped)
+    independent = np.mean([dice(target_labels == k, moved == k) for k in (1, 4, 9)])
+    assert independent == pytest.approx(rows[(case, "long")]["dice_mean"], rel=1e-6)
+    summary = (out / "summary.md").read_text()
+    assert "## TRE per method" in summary and "## Dice per method" in summary
+    assert "| long | 2/2 |" in summary and "| long | 1/2 |" in summary  # Dice for 2 cases, TRE for 1
+    tests = {(t["metric"], t["a"], t["b"]): t for t in _csv_rows(out / "ttests.csv")}
+    assert set(tests) == {("tre", "long", "short"), ("dice", "long", "short")}
+    assert tests[("dice", "long", "short")]["n"] == "2" and tests[("tre", "long", "short")]["n"] == "1"
+    a = [rows[(c, "long")]["dice_mean"] for c in ("0001_0000-0001_0001", "0002_0000-0002_0001")]
+    b = [rows[(c, "short")]["dice_mean"] for c in ("0001_0000-0001_0001", "0002_0000-0002_0001")]
+    assert float(tests[("dice", "long", "short")]["mean_difference"]) == pytest.approx(np.mean(np.subtract(a, b)),
+                                                                                  rel=1e-4)
+    np.testing.assert_allclose(float(tests[("dice", "long", "short")]["p_value"] or "nan"),
+                               stats.ttest_rel(a, b).pvalue, rtol=1e-4, equal_nan=True)
+    assert (out / "dice_boxplot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_without_landmarks_or_labels_fails_nothing(tmp_path):
+    case = SAMPLES / "case0000"
+    (tmp_path / "m.csv").write_text(f"id,source,target\nc0,{case}/source_t1.nii.gz,{case}/target_t1.nii.gz\n")
+    out = tmp_path / "out"
+    res = invoke("evaluate", tmp_path / "m.csv", "-m", f"tiny={_params(tmp_path, 'tiny.txt')}", "-o", out, "-q")
+    assert res.exit_code == 0, res.output
+    row = read_results(out / "results.csv")[("c0", "tiny")]
+    assert row["status"] == "ok" and row["tre_mean"] == "" and row["dice_mean"] == ""
+    assert "no TRE or Dice to report" in (out / "summary.md").read_text()
+    assert not (out / "cases" / "c0" / "tiny" / "tre.csv").exists()

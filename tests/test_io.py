@@ -62,12 +62,82 @@ def test_read_errors(tmp_path, oblique_geometry):
     (tmp_path / "x.png").write_bytes(b"")
     with pytest.raises(CombiregError, match="unsupported image format"):
         io.read_image(tmp_path / "x.png")
-    nan = np.ones(oblique_geometry.shape, np.float32)
-    nan[2, 3, 4] = np.nan
-    # .mha keeps NaN on disk (ITK's NIfTI writer stores it as 0)
-    io.write_image(tmp_path / "nan.mha", nan, oblique_geometry)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr"])
+def test_nan_and_inf_voxels_are_refused_in_every_format(tmp_path, oblique_geometry, suffix):
+    """ITK writes NaN/Inf to disk in every format, but its NIfTI reader turns them into 0: the
+    NIfTI voxel block is read again with numpy. Integer images are read as they are."""
+    data = np.ones(oblique_geometry.shape, np.float32)
+    data[2, 3, 4], data[5, 6, 7], data[1, 1, 1] = np.nan, np.inf, -np.inf
+    path = tmp_path / f"bad{suffix}"
+    io.write_image(path, data, oblique_geometry)
+    for reader in (io.read_image, io.read_array):
+        with pytest.raises(CombiregError, match="contains 3 NaN/Inf voxels"):
+            reader(path)
+    data[2, 3, 4] = data[5, 6, 7] = data[1, 1, 1] = 0.0
+    io.write_image(path, data, oblique_geometry)
+    assert io.read_image(path).numpy().sum() == data.sum()
+
+
+def _nifti1_bytes(data: np.ndarray, order: str, spacing=(1.5, 1.2, 2.0)) -> bytes:
+    """A minimal NIfTI-1 file (float32, sform = diag(spacing)) in either byte order."""
+    import struct
+
+    hdr = bytearray(348)
+    struct.pack_into(order + "i", hdr, 0, 348)
+    struct.pack_into(order + "8h", hdr, 40, 3, *reversed(data.shape), 1, 1, 1, 1)
+    struct.pack_into(order + "2h", hdr, 70, 16, 32)  # datatype float32, bitpix
+    struct.pack_into(order + "8f", hdr, 76, 1.0, *spacing, 1.0, 1.0, 1.0, 1.0)
+    struct.pack_into(order + "2f", hdr, 108, 352.0, 1.0)  # vox_offset, scl_slope
+    struct.pack_into(order + "h", hdr, 254, 1)  # sform_code
+    for row in range(3):
+        values = [0.0] * 4
+        values[row] = spacing[row]
+        struct.pack_into(order + "4f", hdr, 280 + 16 * row, *values)
+    hdr[344:348] = b"n+1\0"
+    return bytes(hdr) + b"\0" * 4 + data.astype(order + "f4").tobytes()
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_nifti_nan_is_found_in_either_byte_order(tmp_path, order):
+    import itk
+
+    data = np.ones((4, 5, 6), np.float32)
+    data[1, 2, 3] = np.nan
+    path = tmp_path / "hand.nii"
+    path.write_bytes(_nifti1_bytes(data, order))
+    assert np.isnan(itk.array_from_image(itk.imread(str(path), itk.F))).sum() == 0  # why the raw read exists
+    assert io.nifti_nonfinite_count(path) == 1
     with pytest.raises(CombiregError, match="1 NaN/Inf"):
-        io.read_image(tmp_path / "nan.mha")
+        io.read_image(path)
+
+
+def test_nifti2_headers_are_parsed(tmp_path):
+    import struct
+
+    data = np.ones((3, 4, 5), np.float32)
+    data[0, 0, 0] = np.inf
+    hdr = bytearray(540)
+    struct.pack_into("<i", hdr, 0, 540)
+    struct.pack_into("<2h", hdr, 12, 16, 32)
+    struct.pack_into("<8q", hdr, 16, 3, 5, 4, 3, 1, 1, 1, 1)
+    struct.pack_into("<q", hdr, 168, 544)
+    (tmp_path / "n2.nii").write_bytes(bytes(hdr) + b"\0" * 4 + data.tobytes())
+    assert io.nifti_nonfinite_count(tmp_path / "n2.nii") == 1
+    (tmp_path / "short.nii").write_bytes(bytes(hdr) + b"\0" * 10)
+    with pytest.raises(CombiregError, match="shorter"):
+        io.nifti_nonfinite_count(tmp_path / "short.nii")
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.int32, np.float32])
+def test_read_array_keeps_the_pixel_type(tmp_path, oblique_geometry, dtype):
+    labels = (np.arange(np.prod(oblique_geometry.shape)).reshape(oblique_geometry.shape) % 7).astype(dtype)
+    labels[0, 0, 0] = 200
+    io.write_image(tmp_path / "l.nii.gz", labels, oblique_geometry, dtype=dtype)
+    array, geometry = io.read_array(tmp_path / "l.nii.gz")
+    assert array.dtype == np.dtype(dtype) and geometry.same_grid(oblique_geometry, tol=1e-5)
+    np.testing.assert_array_equal(array, labels)
 
 
 def test_not_3d(tmp_path):

@@ -282,13 +282,38 @@ def test_missing_file_and_index_without_reference(tmp_path):
         read_landmarks(tmp_path / "i.txt", space="voxel")
 
 
-def test_landmark_outside_the_field_is_named(oblique_geometry):
-    field = np.zeros(oblique_geometry.shape + (3,), np.float32)
-    pts = interior_points(oblique_geometry, 3)
-    pts[1] = oblique_geometry.index_to_world(np.array([[-5.0, 2.0, 2.0]]))[0]
-    lm = Landmarks(pts, ["in1", "far", "in2"])
-    with pytest.raises(CombiregError, match="landmark 'far' .* outside"):
-        compute_tre(field, oblique_geometry, lm, lm)
+def test_landmarks_outside_the_grid_get_the_edge_values_and_a_count(oblique_geometry, caplog):
+    """Points just outside the grid are mapped with the value at the nearest border voxel (the
+    field is constant beyond its edge), counted and named in one warning; nothing raises."""
+    field = known_displacement(oblique_geometry)
+    pts = interior_points(oblique_geometry, 4)
+    edge_index = np.array([[-0.8, 2.0, 3.0], [5.0, oblique_geometry.size[1] - 1 + 0.6, 4.0]])
+    pts[1:3] = oblique_geometry.index_to_world(edge_index)
+    lm = Landmarks(pts, ["in1", "left", "back", "in2"])
+    with caplog.at_level(logging.WARNING, logger="combireg.landmarks"):
+        res = compute_tre(field, oblique_geometry, lm, lm)
+    assert res.outside.tolist() == [False, True, True, False] and res.statistics["n_outside_grid"] == 2
+    assert "2 of 4 target landmark(s) lie outside the field's grid ('left', 'back')" in caplog.text
+    clamped = np.clip(edge_index, 0, np.asarray(oblique_geometry.size) - 1)
+    for row, index in zip((1, 2), np.rint(clamped).astype(int)):
+        expected = field[index[2], index[1], index[0]]
+        np.testing.assert_allclose(res.mapped_points[row] - pts[row], expected, atol=1e-5)
+    assert [r["outside_grid"] for r in res.rows()] == [False, True, True, False]
+    # before a registration (no field): a warning, not an error
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="combireg.landmarks"):
+        assert compute_tre(None, oblique_geometry, lm, lm).statistics["n_outside_grid"] == 2
+    assert "outside the target image grid" in caplog.text
+
+
+def test_landmarks_remember_their_coordinate_system(tmp_path, oblique_geometry, labelled):
+    for name, kwargs, space in [("a.fcsv", {"space": "ras"}, "ras"), ("b.fcsv", {}, "lps"), ("c.mrk.json", {"space": "ras"}, "ras"),
+                                ("d.csv", {"space": "index", "reference": oblique_geometry}, "index"),
+                                ("e.txt", {}, "lps"), ("f.csv", {}, "lps")]:
+        write_landmarks(tmp_path / name, labelled, **kwargs)
+        back = read_landmarks(tmp_path / name, reference=oblique_geometry)
+        assert back.space == space, name
+        np.testing.assert_allclose(back.points_lps_mm, labelled.points_lps_mm, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ command
@@ -315,7 +340,7 @@ def test_tre_command_on_a_field(tmp_path, oblique_geometry, labelled):
     assert res.output.startswith("TRE      0.000 ± 0.000 mm")
 
 
-@pytest.mark.parametrize("case", ["field", "labels", "outside", "garbage", "json_dir"])
+@pytest.mark.parametrize("case", ["field", "labels", "garbage", "json_dir"])
 def test_tre_command_errors_are_one_line_and_write_nothing(tmp_path, oblique_geometry, labelled, case):
     io.write_image(tmp_path / "scalar.nii.gz", np.zeros(oblique_geometry.shape), oblique_geometry)
     io.write_displacement(tmp_path / "f.nii.gz", np.zeros(oblique_geometry.shape + (3,)), oblique_geometry)
@@ -327,9 +352,6 @@ def test_tre_command_errors_are_one_line_and_write_nothing(tmp_path, oblique_geo
     elif case == "labels":
         write_landmarks(source, Landmarks(labelled.points_lps_mm, [f"Q{i}" for i in range(len(labelled))]))
         expect = "labels do not match"
-    elif case == "outside":
-        write_landmarks(target, Landmarks(labelled.points_lps_mm + 500.0, labelled.labels))
-        expect = "outside"
     elif case == "garbage":
         target.write_text("garbage\n")
         expect = "expected id,x,y,z"
@@ -363,23 +385,42 @@ def test_run_reports_tre_before_and_after(tmp_path):
     assert again.statistics["mean"] == pytest.approx(st["mean"], rel=1e-6)
 
 
-@pytest.mark.parametrize("which", ["only_target", "garbage", "outside"])
+@pytest.mark.parametrize("which", ["only_target", "garbage"])
 def test_run_with_bad_landmarks_writes_nothing(tmp_path, which):
     out = tmp_path / "out"
     target = CASE / "target_landmarks.fcsv"
     if which == "garbage":
         target = tmp_path / "t.fcsv"
         target.write_text("# CoordinateSystem = LPS\n")
-    elif which == "outside":
-        target = tmp_path / "t.fcsv"
-        lm = read_landmarks(CASE / "target_landmarks.fcsv")
-        lm.points_lps_mm[3] += 1000.0
-        write_landmarks(target, lm)
     args = ["run", SRC, TGT, "-o", str(out), "--target-landmarks", str(target)]
     if which != "only_target":
         args += ["--source-landmarks", str(CASE / "source_landmarks.fcsv")]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2, res.output
     assert len(res.output.strip().splitlines()) == 1
-    assert {"only_target": "give both", "garbage": "no landmarks", "outside": "'4'"}[which] in res.output
+    assert {"only_target": "give both", "garbage": "no landmarks"}[which] in res.output
     assert not out.exists()
+
+
+def test_landmarks_outside_the_target_grid_do_not_sink_a_run(tmp_path, caplog):
+    """3 landmarks just outside the grid: the run goes on, they are mapped with the field's
+    edge values, counted in report.json and in the printed TRE line."""
+    target = tmp_path / "t.fcsv"
+    lm = read_landmarks(CASE / "target_landmarks.fcsv")
+    geometry = io.read_image(CASE / "target_t1.nii.gz").geometry
+    for k, row in enumerate((3, 10, 20)):
+        index = geometry.world_to_index(lm.points_lps_mm[row:row + 1])[0]
+        index[k] = -0.7 if k != 1 else geometry.size[1] - 1 + 0.7  # 0.7 voxel beyond the edge
+        lm.points_lps_mm[row] = geometry.index_to_world(index[None])[0]
+    write_landmarks(target, lm)
+    (tmp_path / "p.txt").write_text(TINY)
+    out = tmp_path / "out"
+    res = invoke("run", SRC, TGT, "-o", out, "-p", tmp_path / "p.txt", "-q", "--target-landmarks", target,
+                 "--source-landmarks", CASE / "source_landmarks.fcsv")
+    assert res.exit_code == 0, res.output
+    st = json.loads((out / "report.json").read_text())["tre"]["statistics"]
+    assert st["n"] == 131 and st["n_outside_grid"] == 3
+    assert "3 outside the target grid (edge values)" in res.output
+    assert "3 of 131 target landmark(s) lie outside" in caplog.text
+    tre = invoke("tre", out / "field.nii.gz", target, CASE / "source_landmarks.fcsv", "-q")
+    assert tre.exit_code == 0 and "3 target landmark(s) outside the field's grid" in tre.output
