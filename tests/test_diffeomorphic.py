@@ -6,6 +6,9 @@ import torch
 from scipy.linalg import expm
 
 from combireg import warp
+from combireg.errors import CombiregError
+from combireg.paramfile import parse_text
+from combireg.params import default_parameter_map, default_parameter_text, default_settings, settings_from_map
 from tests.conftest import known_displacement
 
 
@@ -98,3 +101,42 @@ def test_squaring_steps_fixed_and_automatic(oblique_geometry):
     one_voxel = torch.zeros((1, 3) + g.shape)
     one_voxel[:, 0] = 2.0 / (g.size[0] - 1)
     assert warp.max_voxel_norm(one_voxel) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ parameter keys
+def _parse(text):
+    return settings_from_map(parse_text(text, source="p.txt"))
+
+
+def test_transform_keys_are_read_and_round_trip():
+    s = _parse('(Transform "Diffeomorphic")\n(NumberOfSquaringSteps 7)')
+    assert s.transform == "Diffeomorphic" and s.diffeomorphic and s.squaring_steps == 7
+    assert settings_from_map(s.to_parameter_map()) == s
+    default = default_settings()
+    assert default.transform == "Displacement" and not default.diffeomorphic and default.squaring_steps == 0
+    # the default map (and so every Displacement params.txt) does not list them ...
+    assert "Transform" not in default_parameter_map() and "NumberOfSquaringSteps" not in default_parameter_map()
+    # ... and `combireg params defaults` shows them commented out
+    text = default_parameter_text()
+    assert '// (Transform "Displacement")' in text and "// (NumberOfSquaringSteps 0)" in text
+    assert _parse('(Transform "Displacement")') == default
+
+
+def test_squaring_step_limit_agrees_with_warp():
+    from combireg import params
+
+    assert params.MAX_SQUARING_STEPS == warp.MAX_SQUARING_STEPS
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('(Transform "SVF")', "p.txt:1: Transform expects one of 'Displacement', 'Diffeomorphic', got 'SVF'"),
+    ('(Seed 1)\n(Transform "Displacement" "Diffeomorphic")', "p.txt:2: Transform expects exactly 1 value, got 2"),
+    ("(NumberOfSquaringSteps 21)", "p.txt:1: NumberOfSquaringSteps expects an integer >= 0 and <= 20, got '21'"),
+    ("(NumberOfSquaringSteps -1)", "p.txt:1: NumberOfSquaringSteps expects an integer >= 0 and <= 20, got '-1'"),
+    ("(NumberOfSquaringSteps 7.5)", "p.txt:1: NumberOfSquaringSteps expects an integer >= 0 and <= 20, got '7.5'"),
+    ('(Transfrom "Diffeomorphic")', "p.txt:1: unknown key 'Transfrom' (did you mean 'Transform'?)"),
+])
+def test_transform_key_errors(text, message):
+    with pytest.raises(CombiregError) as info:
+        _parse(text)
+    assert str(info.value) == message

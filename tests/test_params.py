@@ -194,7 +194,9 @@ def test_weights_sum_within_tolerance():
     [
         ("(Seed 1)\n(LearningRat 0.1)", "p.txt:2: unknown key 'LearningRat' (did you mean 'LearningRate'?)"),
         ("(metric \"MSE\")", "p.txt:1: unknown key 'metric' (did you mean 'Metric'?)"),
-        ("(Transform \"BSplineTransform\")", "p.txt:1: unknown key 'Transform'"),
+        # Transform became a key (issue 15): an elastix transform name is now a wrong value, not a wrong key.
+        ("(Transform \"BSplineTransform\")",
+         "p.txt:1: Transform expects one of 'Displacement', 'Diffeomorphic', got 'BSplineTransform'"),
         ("(Seed abc)", "p.txt:1: Seed expects an integer >= 0 and <= 4294967295, got 'abc'"),
         ("(Seed -1)", "p.txt:1: Seed expects an integer >= 0 and <= 4294967295, got '-1'"),
         ("(NumberOfResolutions 2.0)", "p.txt:1: NumberOfResolutions expects an integer >= 1, got '2.0'"),
