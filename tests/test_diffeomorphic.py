@@ -1,5 +1,5 @@
-"""(Transform "Diffeomorphic"): the exponential of a stationary velocity in combireg.warp, its use
-in combireg.optimize and combireg.api, the parameter keys and their documentation."""
+"""(Transform "Diffeomorphic"): the exponential of a stationary velocity in combireg.warp and its use
+in combireg.optimize and combireg.api (the keys are tested in test_params)."""
 import json
 
 import numpy as np
@@ -7,15 +7,13 @@ import pytest
 import torch
 from scipy.linalg import expm
 
-from combireg import Geometry, Image, warp
+from combireg import Geometry, warp
 from combireg.api import register
-from combireg.errors import CombiregError
 from combireg.landmarks import sample_displacement
 from combireg.optimize import optimise_fields
-from combireg.paramfile import parse_text
-from combireg.params import default_parameter_map, default_parameter_text, default_settings, settings_from_map
+from combireg.params import default_settings
 from combireg.warp import jacobian_determinant
-from tests.conftest import ROOT, image_from_world_function, known_displacement, oblique_direction, smooth_pattern
+from tests.conftest import image_from_world_function, known_displacement, oblique_direction, smooth_pattern
 
 
 def _interior(a, m=3):
@@ -287,48 +285,3 @@ def test_drn_init_with_diffeomorphic(oblique_geometry):
         np.testing.assert_allclose(res.inverse_displacement_lps_mm, np.broadcast_to(-d, res.displacement_lps_mm.shape),
                                    atol=1e-3)
         assert res.report["init"]["kind"] == "drn"
-
-
-# ------------------------------------------------------------------ parameter keys
-def _parse(text):
-    return settings_from_map(parse_text(text, source="p.txt"))
-
-
-def test_transform_keys_are_read_and_round_trip():
-    s = _parse('(Transform "Diffeomorphic")\n(NumberOfSquaringSteps 7)')
-    assert s.transform == "Diffeomorphic" and s.diffeomorphic and s.squaring_steps == 7
-    assert settings_from_map(s.to_parameter_map()) == s
-    default = default_settings()
-    assert default.transform == "Displacement" and not default.diffeomorphic and default.squaring_steps == 0
-    # the default map (and so every Displacement params.txt) does not list them ...
-    assert "Transform" not in default_parameter_map() and "NumberOfSquaringSteps" not in default_parameter_map()
-    # ... and `combireg params defaults` shows them commented out
-    text = default_parameter_text()
-    assert '// (Transform "Displacement")' in text and "// (NumberOfSquaringSteps 0)" in text
-    assert _parse('(Transform "Displacement")') == default
-
-
-def test_squaring_step_limit_agrees_with_warp():
-    from combireg import params
-
-    assert params.MAX_SQUARING_STEPS == warp.MAX_SQUARING_STEPS
-
-
-@pytest.mark.parametrize(("text", "message"), [
-    ('(Transform "SVF")', "p.txt:1: Transform expects one of 'Displacement', 'Diffeomorphic', got 'SVF'"),
-    ('(Seed 1)\n(Transform "Displacement" "Diffeomorphic")', "p.txt:2: Transform expects exactly 1 value, got 2"),
-    ("(NumberOfSquaringSteps 21)", "p.txt:1: NumberOfSquaringSteps expects an integer >= 0 and <= 20, got '21'"),
-    ("(NumberOfSquaringSteps -1)", "p.txt:1: NumberOfSquaringSteps expects an integer >= 0 and <= 20, got '-1'"),
-    ("(NumberOfSquaringSteps 7.5)", "p.txt:1: NumberOfSquaringSteps expects an integer >= 0 and <= 20, got '7.5'"),
-    ('(Transfrom "Diffeomorphic")', "p.txt:1: unknown key 'Transfrom' (did you mean 'Transform'?)"),
-])
-def test_transform_key_errors(text, message):
-    with pytest.raises(CombiregError) as info:
-        _parse(text)
-    assert str(info.value) == message
-
-
-def test_readme_documents_the_keys():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    rows = {line.split("|")[1].strip() for line in readme.splitlines() if line.startswith("| `")}
-    assert {"`Transform`", "`NumberOfSquaringSteps`"} <= rows
