@@ -610,6 +610,15 @@ def test_transform_keys_are_read_and_round_trip():
     assert _settings('(Transform "Displacement")') == default
 
 
+def test_cli_check_names_a_diffeomorphic_transform(cli, tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text('(Transform "Diffeomorphic")\n')
+    result = _invoke(cli, "params", "check", str(path))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (f"{path}: OK (1 key; metrics MSE+NCC 0.5/0.5, 3 resolutions, iterations 150 80 30, "
+                             "Diffeomorphic transform)\n")
+
+
 def test_squaring_step_limit_agrees_with_warp():
     from combireg import params, warp
 
