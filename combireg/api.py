@@ -318,6 +318,8 @@ def register(source: ImageLike, target: ImageLike, params: Settings | ParamMap |
         start the optimisation (``MaximumNumberOfIterations 0``: the DRN alone); or an initial
         forward field (path to a displacement field in our convention, or
         ``(displacement_lps_mm, Geometry)``), the backward field starting as its inverse.
+        With ``Transform "Diffeomorphic"`` these displacements are turned into velocities
+        (``report["velocity"]["init_log_residual_mm"]`` says how closely ``exp(v)`` meets them).
     device : str
         ``"cpu"`` (default) or ``"cuda"``.
     callback : callable, optional
