@@ -22,15 +22,18 @@ def summary_line(source: str, n_keys: int, settings: Settings) -> str:
     Returns
     -------
     str
-        E.g. ``p.txt: OK (3 keys; metrics MSE+NCC 0.5/0.5, 2 resolutions, iterations 150 60)``.
+        E.g. ``p.txt: OK (3 keys; metrics MSE+NCC 0.5/0.5, 2 resolutions, iterations 150 60)``;
+        a transform other than the default displacement is named at the end
+        (``..., iterations 150 80 30, Diffeomorphic transform)``).
     """
     weights = "/".join(f"{w:g}" for w in settings.metric_weights)
     levels = settings.num_levels
+    model = "" if settings.transform == "Displacement" else f", {settings.transform} transform"
     return (
         f"{source}: OK ({n_keys} key{'s' if n_keys != 1 else ''}; "
         f"metrics {'+'.join(settings.metrics)} {weights}, "
         f"{levels} resolution{'s' if levels != 1 else ''}, "
-        f"iterations {' '.join(str(n) for n in settings.iterations)})"
+        f"iterations {' '.join(str(n) for n in settings.iterations)}{model})"
     )
 
 

@@ -9,6 +9,11 @@ Loss per pyramid level (the paper's Eq. 1, plus an optional inverse-consistency 
     L = sum_n w_n * (Sim_n(S o (id + u), T) + Sim_n(T o (id + v), S))
         + lambda * (|grad u|^2 + |grad v|^2) + mu * (|u + v o (id + u)|^2 + |v + u o (id + v)|^2)
 
+With ``(Transform "Diffeomorphic")`` the optimised fields are stationary velocities ``v_f``
+(and ``v_b``): ``u = exp(v_f)`` and ``v = exp(v_b)`` (:func:`~combireg.warp.exp_velocity`) in
+every term above, the regulariser acts on the velocities, and the returned inverse is
+``exp(-v_f)``.
+
 Two optional refinements (parameter keys ``MetricWeighting`` and ``CorrespondenceWeighting``):
 
 * adaptive metric weights: every K iterations ``w_n`` is set proportional to
@@ -37,7 +42,18 @@ from .image import Image
 from .losses import gradient_regulariser, local_stats, weighted_similarity
 from .params import Settings
 from .pyramid import Level, pyramid_levels
-from .warp import gradient_scale, identity_grid, invert_normalised, upsample_normalised, warp_normalised
+from .warp import (
+    exp_velocity,
+    gradient_scale,
+    identity_grid,
+    invert_normalised,
+    log_displacement,
+    max_jacobian_row_sum,
+    max_voxel_norm,
+    squaring_steps,
+    upsample_normalised,
+    warp_normalised,
+)
 
 __all__ = ["LevelReport", "FieldPair", "optimise_fields", "torch_threads", "normalise_intensities", "level_image",
            "correspondence_weight", "balanced_metric_weights", "image_content"]
@@ -61,11 +77,14 @@ class LevelReport:
     metric_weights: dict = field(default_factory=dict)  # metric -> weight at the end of the level
     correspondence: dict | None = None  # the last correspondence-weight update, when enabled
     similarity_gain: float | None = None  # adaptive metric weights: the factor on the mixed similarity
+    squaring_steps: int | None = None  # Diffeomorphic: the most squaring steps an iteration used
 
     def to_dict(self) -> dict:
         extra = {} if self.correspondence is None else {"correspondence": self.correspondence}
         if self.similarity_gain is not None:
             extra["similarity_gain"] = round(self.similarity_gain, 6)
+        if self.squaring_steps is not None:
+            extra["squaring_steps"] = self.squaring_steps
         return {
             "level": self.level,
             "shape_zyx": list(self.shape_zyx),
@@ -83,7 +102,12 @@ class LevelReport:
 
 @dataclass
 class FieldPair:
-    """Optimised fields in normalised units on the last level's grid (target space)."""
+    """Optimised fields in normalised units on the last level's grid (target space).
+
+    ``forward`` and ``backward`` are displacements whatever the transform model: for
+    ``Transform "Diffeomorphic"`` they are ``exp(v_f)`` and ``exp(-v_f)``, and ``velocity`` is
+    ``v_f``.
+    """
 
     forward: torch.Tensor  # (1, 3, z, y, x): target point -> source point
     backward: torch.Tensor  # (1, 3, z, y, x): source point -> target point
@@ -92,6 +116,10 @@ class FieldPair:
     #: (1, 1, z, y, x) similarity weight of the forward direction on ``geometry`` (CorrespondenceWeighting)
     correspondence_weight: torch.Tensor | None = None
     correspondence: dict | None = None  # its summary (see :func:`correspondence_weight`)
+    #: The transform model for report.json: ``{"transform": ...}``, for "Diffeomorphic" with
+    #: ``squaring_steps``, ``first_step_voxels`` and, after an initial field, ``init_log_residual_mm``.
+    transform: dict = field(default_factory=lambda: {"transform": "Displacement"})
+    velocity: torch.Tensor | None = None  # (1, 3, z, y, x) v_f for "Diffeomorphic"
 
 
 def normalise_intensities(image: Image, percentiles: tuple[float, float], *, role: str = "image") -> Image:
@@ -351,7 +379,9 @@ def optimise_fields(source: torch.Tensor, target: torch.Tensor, geometry: Geomet
     settings : Settings
         Validated parameters (metrics, weights, pyramid, iterations, learning rates, ...).
     init_forward, init_backward : Tensor, (1, 3, z, y, x), optional
-        Initial normalised fields on any level of this grid's pyramid (resized as needed).
+        Initial normalised displacements on any level of this grid's pyramid (resized as
+        needed). For ``Transform "Diffeomorphic"`` they are resized to the first level and turned
+        into velocities there (:func:`~combireg.warp.log_displacement`).
     target_mask, source_mask : Tensor, (1, 1, Z, Y, X), optional
         Weights in [0, 1] on ``geometry`` (the source mask already resampled into target
         space) restricting the similarity (cost-function masking): the forward term counts a
@@ -378,6 +408,9 @@ def optimise_fields(source: torch.Tensor, target: torch.Tensor, geometry: Geomet
                             'forward and backward fields')
     weights = _MetricWeights(tuple(settings.metric_weights), settings.metric_weighting == "adaptive",
                              settings.metric_weighting_interval)
+    init_note = None
+    if settings.diffeomorphic and forward is not None:
+        forward, backward, init_note = _initial_velocities(forward, backward, pyramid[0].geometry, settings)
     for spec in pyramid:
         level, factors, level_geometry = spec.index, spec.factors, spec.geometry
         shape = level_geometry.shape
@@ -398,16 +431,75 @@ def optimise_fields(source: torch.Tensor, target: torch.Tensor, geometry: Geomet
     forward = forward.detach()
     if settings.bidirectional:
         backward = backward.detach()
+    velocity, transform = None, {"transform": settings.transform}
+    if settings.diffeomorphic:
+        # The backward direction's own map (exp(v_b)) is what the correspondence weight compares
+        # with; the inverse handed back is exp(-v_f).
+        velocity, forward, partner, backward, transform = _exponentials(forward, backward, settings)
+        if init_note is not None:
+            transform["init_log_residual_mm"] = init_note
     else:
-        # Why: without a backward optimisation the inverse is the numerical inverse of u.
-        backward = invert_normalised(forward)
+        if not settings.bidirectional:
+            # Why: without a backward optimisation the inverse is the numerical inverse of u.
+            backward = invert_normalised(forward)
+        partner = backward
     last = pyramid[-1].geometry
     weight, info = None, None
     if settings.correspondence_weighting:
         content = image_content(level_image(target, pyramid[-1].factors, last.shape))
-        weight, info = correspondence_weight(forward, backward, last, content=content,
+        weight, info = correspondence_weight(forward, partner, last, content=content,
                                              **_correspondence_options(settings))
-    return FieldPair(forward, backward, last, levels, weight, info)
+    return FieldPair(forward, backward, last, levels, weight, info, transform, velocity)
+
+
+def _initial_velocities(forward: torch.Tensor, backward: torch.Tensor | None, first: Geometry,
+                        settings: Settings) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """Initial displacements turned into velocities on the first level (``Transform "Diffeomorphic"``).
+
+    Returns the velocities and the mean and largest ``|exp(v) - u|`` in mm per direction.
+    """
+    half_extent = _half_extent(first, forward.device).view(1, 3, 1, 1, 1)
+    velocities, note = [], {}
+    for name, displacement in (("forward", forward), ("backward", backward)):
+        if displacement is None:
+            velocities.append(None)
+            continue
+        displacement = upsample_normalised(displacement.detach(), first.shape)
+        velocity, residual = log_displacement(displacement, settings.squaring_steps)
+        error = torch.linalg.vector_norm(residual * half_extent, dim=1)
+        note[name] = {"mean": round(float(error.mean()), 6), "max": round(float(error.max()), 6)}
+        velocities.append(velocity)
+    log.info("initial field(s) as velocities: |exp(v) - u| %s mm", note)
+    return velocities[0], velocities[1], note
+
+
+def _exponentials(velocity: torch.Tensor, backward: torch.Tensor | None, settings: Settings) -> tuple:
+    """``v_f``, ``exp(v_f)``, the backward direction's map, ``exp(-v_f)`` and the report's transform entry.
+
+    The backward direction's map is ``exp(v_b)`` when a backward velocity was optimised (the
+    correspondence weight compares it with the forward map), else ``exp(-v_f)``.
+    """
+    with torch.no_grad():
+        grid = identity_grid(velocity.shape[2:], velocity.device, velocity.dtype)
+        steps = squaring_steps(velocity, settings.squaring_steps)
+        forward = exp_velocity(velocity, steps, grid)
+        inverse = exp_velocity(-velocity, steps, grid)
+        partner = inverse
+        if backward is not None:
+            partner = exp_velocity(backward, squaring_steps(backward, settings.squaring_steps), grid)
+    transform = {"transform": settings.transform, "squaring_steps": steps,
+                 "squaring_steps_setting": "automatic" if settings.squaring_steps == 0 else "fixed",
+                 "first_step_voxels": round(max_voxel_norm(velocity) / 2 ** steps, 6),
+                 "first_step_jacobian_row_sum": round(max_jacobian_row_sum(velocity) / 2 ** steps, 6)}
+    return velocity, forward, partner, inverse, transform
+
+
+def _displacement(field_: torch.Tensor, settings: Settings, grid: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+    """The displacement an optimised field stands for (itself, or ``exp(v)``) and the squaring steps."""
+    if not settings.diffeomorphic:
+        return field_, None
+    steps = squaring_steps(field_, settings.squaring_steps)
+    return exp_velocity(field_, steps, grid), steps
 
 
 def _correspondence_options(settings: Settings) -> dict:
@@ -457,23 +549,32 @@ def _optimise_level(src: torch.Tensor, tgt: torch.Tensor, forward: torch.Tensor,
     history, terms = [], {}
     start = time.perf_counter()
     loss_value = float("nan")
+    most_steps = None
     for it in range(iterations):
         optimiser.zero_grad(set_to_none=True)
+        # The maps: the fields themselves, or exp(v) of the velocities (Transform "Diffeomorphic").
+        disp_f, steps = _displacement(forward, settings, grid)
+        disp_b = None
+        if backward is not None:
+            disp_b, steps_b = _displacement(backward, settings, grid)
+            steps = None if steps is None else max(steps, steps_b)
+        if steps is not None:
+            most_steps = steps if most_steps is None else max(most_steps, steps)
         if correspondence and it % settings.correspondence_interval == 0:
             options = _correspondence_options(settings)
-            weight_f, correspondence_info = correspondence_weight(forward, backward, level_geometry, grid=grid,
-                                                                  content=content_f, **options)
-            weight_b, _ = correspondence_weight(backward, forward, level_geometry, grid=grid, content=content_b,
-                                                **options)
+            weight_f, correspondence_info = correspondence_weight(disp_f.detach(), disp_b.detach(), level_geometry,
+                                                                  grid=grid, content=content_f, **options)
+            weight_b, _ = correspondence_weight(disp_b.detach(), disp_f.detach(), level_geometry, grid=grid,
+                                                content=content_b, **options)
         rebalance = weights.adaptive and it % weights.interval == 0
-        warped_src = warp_normalised(src, forward, grid)
-        mask_f = _with_weight(_pair_mask(tgt_mask, src_mask, forward, grid), weight_f)
+        warped_src = warp_normalised(src, disp_f, grid)
+        mask_f = _with_weight(_pair_mask(tgt_mask, src_mask, disp_f, grid), weight_f)
         sim_f, terms_f, tensors_f = similarity(warped_src, tgt, tgt_stats, mask_f, weights.effective, rebalance)
         terms = {f"forward_{k}": v for k, v in terms_f.items()}
         tensors_b = None
         if backward is not None:
-            warped_tgt = warp_normalised(tgt, backward, grid)
-            mask_b = _with_weight(_pair_mask(src_mask, tgt_mask, backward, grid), weight_b)
+            warped_tgt = warp_normalised(tgt, disp_b, grid)
+            mask_b = _with_weight(_pair_mask(src_mask, tgt_mask, disp_b, grid), weight_b)
             sim_b, terms_b, tensors_b = similarity(warped_tgt, src, src_stats, mask_b, weights.effective, rebalance)
             terms.update({f"backward_{k}": v for k, v in terms_b.items()})
         if rebalance:
@@ -496,7 +597,7 @@ def _optimise_level(src: torch.Tensor, tgt: torch.Tensor, forward: torch.Tensor,
             reg = reg + gradient_regulariser(backward, scale)
         loss = sim
         if mu > 0:
-            ic = _ic_residual(forward, backward, grid, half_extent) + _ic_residual(backward, forward, grid, half_extent)
+            ic = _ic_residual(disp_f, disp_b, grid, half_extent) + _ic_residual(disp_b, disp_f, grid, half_extent)
             loss = loss + mu * ic
             terms["inverse_consistency_mm2"] = float(ic.detach())
         loss = loss + lam * reg
@@ -517,4 +618,4 @@ def _optimise_level(src: torch.Tensor, tgt: torch.Tensor, forward: torch.Tensor,
     return LevelReport(level, tuple(src.shape[2:]), tuple(level_geometry.spacing), iterations, lr,
                        time.perf_counter() - start, loss_value, terms, history,
                        dict(zip(settings.metrics, weights.current)), correspondence_info,
-                       weights.gain if weights.adaptive else None)
+                       weights.gain if weights.adaptive else None, most_steps)

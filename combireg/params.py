@@ -37,6 +37,7 @@ __all__ = [
     "METRICS",
     "OPTIMIZERS",
     "MAX_METRICS",
+    "TRANSFORMS",
     "Settings",
     "format_parameter_map",
     "settings_from_map",
@@ -54,6 +55,14 @@ OPTIMIZERS: tuple[str, ...] = ("Adam",)
 PRE_ALIGNMENTS: tuple[str, ...] = ("none", "rigid", "affine")
 #: How the metric weights are set: the Metric<n>Weight values, or balanced by gradient norms.
 METRIC_WEIGHTINGS: tuple[str, ...] = ("fixed", "adaptive")
+#: The transformation model: a dense displacement, or the exponential of a stationary velocity.
+TRANSFORMS: tuple[str, ...] = ("Displacement", "Diffeomorphic")
+#: Most squaring steps of the Diffeomorphic model (mirrors combireg.warp.MAX_SQUARING_STEPS;
+#: params is a lower layer than warp, and test_params checks the two agree).
+MAX_SQUARING_STEPS = 20
+#: Keys written into a resolved parameter file only when the transform is not "Displacement",
+#: so that every file written before they existed reads back unchanged.
+TRANSFORM_KEYS: tuple[str, ...] = ("Transform", "NumberOfSquaringSteps")
 
 
 def _orientation_codes() -> tuple[str, ...]:
@@ -150,6 +159,22 @@ SCHEMA: tuple[KeySpec, ...] = (
         "Optimizer", "str", "1", ("Adam",),
         f"Optimiser: {', '.join(OPTIMIZERS)}.",
         choices=OPTIMIZERS,
+    ),
+    KeySpec(
+        "Transform", "str", "1", ("Displacement",),
+        "Transformation model: \"Displacement\" (a dense displacement field u; target x -> source x + u(x)) or "
+        "\"Diffeomorphic\" (a stationary velocity field v per level, the map is its exponential exp(v) by scaling "
+        "and squaring, invertible by construction, and the written inverse is exactly exp(-v); "
+        "RegularizationWeight and LearningRate then act on v). The written fields are displacements either way.",
+        choices=TRANSFORMS,
+    ),
+    KeySpec(
+        "NumberOfSquaringSteps", "int", "1", ("0",),
+        f"Squaring steps N of the Diffeomorphic model, 0 to {MAX_SQUARING_STEPS}: exp(v) = (id + v / 2^N)^(2^N); "
+        "0 = automatic, the smallest N >= 1 whose first step v / 2^N is at most a quarter voxel of the level "
+        "everywhere, as a vector and as a Jacobian row sum (re-chosen every iteration; the numbers used are in "
+        "report.json). Used when Transform is \"Diffeomorphic\".",
+        minimum=0, maximum=MAX_SQUARING_STEPS,
     ),
     KeySpec(
         "Bidirectional", "bool", "1", ("false",),
@@ -339,7 +364,16 @@ class Settings:
     pyramid_spacing: tuple[float, ...] = ()
     #: Local NCC window width in mm per level (NCCWindowWidth); empty: ``ncc_window`` (voxels) rules.
     ncc_window_mm: tuple[float, ...] = ()
+    #: "Displacement" or "Diffeomorphic" (Transform).
+    transform: str = "Displacement"
+    #: Squaring steps of the Diffeomorphic model, 0 = automatic (NumberOfSquaringSteps).
+    squaring_steps: int = 0
     source: str = field(default="<defaults>", compare=False)
+
+    @property
+    def diffeomorphic(self) -> bool:
+        """Whether the optimised fields are stationary velocities (``Transform "Diffeomorphic"``)."""
+        return self.transform == "Diffeomorphic"
 
     def to_parameter_map(self) -> ParamMap:
         """Every key, resolved (per-level keys with one value per level): reproduces the run."""
@@ -360,6 +394,9 @@ class Settings:
         pm["MaximumNumberOfIterations"] = tuple(str(int(v)) for v in self.iterations)
         pm["LearningRate"] = tuple(_fmt_float(v) for v in self.learning_rate)
         pm["Optimizer"] = (self.optimizer,)
+        if self.transform != "Displacement":
+            pm["Transform"] = (self.transform,)
+            pm["NumberOfSquaringSteps"] = (str(int(self.squaring_steps)),)
         pm["Bidirectional"] = ("true" if self.bidirectional else "false",)
         pm["InverseConsistencyWeight"] = (_fmt_float(self.inverse_consistency_weight),)
         pm["MetricWeighting"] = (self.metric_weighting,)
@@ -613,6 +650,8 @@ def settings_from_map(pm: Mapping[str, Sequence[str]], *, source: str | None = N
         bias_field_correction=checked.single("BiasFieldCorrection"),
         working_spacing=float(checked.single("WorkingSpacing")),
         working_orientation=checked.single("WorkingOrientation"),
+        transform=checked.single("Transform"),
+        squaring_steps=checked.single("NumberOfSquaringSteps"),
         **_weighting_settings(checked, metrics),
         source=checked.source,
         **per_level,
@@ -650,13 +689,23 @@ _DEFAULT_HEADER = """\
 """
 
 
+_OPTIONAL_HEADER = """\
+// Keys written only when set away from their defaults (shown commented out):
+"""
+
+
 def default_parameter_text() -> str:
     """The complete default parameter file, each key preceded by its description.
 
     This is what ``combireg params defaults`` prints; parsing it gives
-    :func:`default_settings`.
+    :func:`default_settings`. The :data:`TRANSFORM_KEYS` follow at the end, commented out
+    with their defaults (a resolved file lists them only for a non-default transform).
     """
-    return _DEFAULT_HEADER + "\n" + format_parameter_map(default_parameter_map(), comments=True)
+    optional = {key: _SPECS[key].default for key in TRANSFORM_KEYS}
+    lines = format_parameter_map(optional, comments=True).splitlines()
+    commented = "\n".join(line if not line or line.startswith("//") else "// " + line for line in lines)
+    return (_DEFAULT_HEADER + "\n" + format_parameter_map(default_parameter_map(), comments=True) + "\n"
+            + _OPTIONAL_HEADER + commented + "\n")
 
 
 # --------------------------------------------------------------------------------------------

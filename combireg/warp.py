@@ -27,6 +27,13 @@ __all__ = [
     "same_field_of_view",
     "warp_image",
     "invert_normalised",
+    "MAX_SQUARING_STEPS",
+    "FIRST_STEP_VOXELS",
+    "max_voxel_norm",
+    "max_jacobian_row_sum",
+    "squaring_steps",
+    "exp_velocity",
+    "log_displacement",
     "jacobian_determinant",
     "gradient_scale",
     "affine_displacement",
@@ -167,6 +174,137 @@ def invert_normalised(displacement: torch.Tensor, *, iterations: int = 15,
         for _ in range(iterations):
             inverse = -warp_normalised(displacement, inverse, grid)
     return inverse
+
+
+#: Most scaling-and-squaring steps (2^20 ~ 1e6: beyond it a first step is below float32 resolution).
+MAX_SQUARING_STEPS = 20
+#: The automatic rule's bound on the first step ``v / 2^N``: its largest vector and its largest
+#: Jacobian row sum ``sum_a |d u_c / d x_a|``, both in voxels of the velocity's grid.
+FIRST_STEP_VOXELS = 0.25
+
+
+def _voxel_units(field: torch.Tensor) -> torch.Tensor:
+    """A normalised field (1, 3, Z, Y, X) in voxels of its grid (a normalised unit along grid axis
+    a is ``(n_a - 1) / 2`` voxels, ``align_corners=True``)."""
+    sizes = [max(n - 1, 1) / 2.0 for n in reversed(field.shape[2:])]
+    return field * torch.as_tensor(sizes, dtype=field.dtype, device=field.device).view(1, 3, 1, 1, 1)
+
+
+def max_voxel_norm(field: torch.Tensor) -> float:
+    """The largest vector of a normalised field (1, 3, Z, Y, X) in voxels of its own grid."""
+    with torch.no_grad():
+        return float(torch.linalg.vector_norm(_voxel_units(field.detach()), dim=1).max())
+
+
+def max_jacobian_row_sum(field: torch.Tensor) -> float:
+    """An upper bound of ``max_c sum_a |d u_c / d x_a|`` (forward differences, voxel units).
+
+    Below 1, ``I + grad u`` has its eigenvalues in the right half-plane (Gershgorin), so its
+    determinant is positive: the map ``x -> x + u(x)`` does not fold.
+    """
+    with torch.no_grad():
+        voxels = _voxel_units(field.detach())
+        bound = 0.0
+        for c in range(3):
+            bound = max(bound, sum(float(torch.diff(voxels[:, c], dim=d).abs().max()) if voxels.shape[d + 1] > 1
+                                   else 0.0 for d in (1, 2, 3)))
+        return bound
+
+
+def squaring_steps(velocity: torch.Tensor, steps: int = 0) -> int:
+    """The number N of squarings for ``velocity``: ``steps`` if > 0, else automatic.
+
+    Automatic: the smallest N >= 1 whose first step ``u_0 = v / 2^N`` is at most
+    :data:`FIRST_STEP_VOXELS` everywhere, both as a vector and as a Jacobian row sum
+    (:func:`max_jacobian_row_sum`), at most :data:`MAX_SQUARING_STEPS`: such a first step is a
+    diffeomorphism, and squaring composes it with itself. Why the gradient too, and a quarter
+    voxel: on a 30^3 swirl of 7 mm registered with little regularisation, a first step of at most
+    half a voxel as a vector took 4 steps and folded 6 voxels (lambda 1e-3); with the row-sum
+    bound at half a voxel 1 voxel still folded (lambda 1e-4), at a quarter none (6 steps).
+    """
+    if steps > 0:
+        return int(steps)
+    largest = max(max_voxel_norm(velocity), max_jacobian_row_sum(velocity))
+    if not np.isfinite(largest):
+        return MAX_SQUARING_STEPS
+    needed = int(np.ceil(np.log2(max(largest, 1e-12) / FIRST_STEP_VOXELS)))
+    return int(min(MAX_SQUARING_STEPS, max(1, needed)))
+
+
+def exp_velocity(velocity: torch.Tensor, steps: int, grid: torch.Tensor | None = None) -> torch.Tensor:
+    """The displacement of ``exp(v)``, the flow of a stationary velocity field at time 1.
+
+    Scaling and squaring in normalised units: ``u_0 = v / 2^N``, then N times
+    ``u <- u + u o (id + u)`` (:func:`warp_normalised`, trilinear, border values outside), so
+    ``id + u_N = (id + u_0)^(2^N)``. Differentiable (the optimiser uses it in its loss).
+    ``exp(-v)`` is the inverse map (up to interpolation), so a velocity gives both directions.
+
+    Parameters
+    ----------
+    velocity : Tensor, (N, 3, Z, Y, X)
+        Normalised units (x, y, z), as displacements.
+    steps : int
+        N >= 0 (0: the velocity itself; see :func:`squaring_steps`).
+    grid : Tensor, (1, Z, Y, X, 3), optional
+        :func:`identity_grid` of the field's shape, if already at hand.
+
+    Returns
+    -------
+    Tensor, (N, 3, Z, Y, X)
+        The displacement of ``exp(v)``: grid point x -> x + u(x), normalised units.
+    """
+    if grid is None:
+        grid = identity_grid(velocity.shape[2:], velocity.device, velocity.dtype)
+    displacement = velocity / float(2 ** int(steps))
+    for _ in range(int(steps)):
+        displacement = displacement + warp_normalised(displacement, displacement, grid)
+    return displacement
+
+
+def log_displacement(displacement: torch.Tensor, steps: int = 0, *, iterations: int = 12,
+                     grid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stationary velocity whose exponential approximates the map ``x -> x + u(x)``.
+
+    Damped fixed-point (Richardson) iteration from ``v_0 = u``:
+    ``v_{k+1} = v_k + (u - exp(v_k)) / 2`` (near the identity ``exp(v) ~ v``), keeping the
+    iterate with the smallest mean residual ``|exp(v) - u|``. Why not the compositional update
+    ``v + (u + exp(-v) o (id + u))``: it cannot correct the border, where ``x + u(x)`` leaves the
+    grid, and its error grew from there inwards (measured on a 2.5 mm field: a largest error of 0.47 mm
+    after 12 iterations against 0.001 mm here); why damped and keeping the best: undamped, a 7.5 mm shear's
+    mean residual grew again after 5 iterations. A folding ``u`` has no logarithm: the result is then
+    the velocity whose exponential came nearest.
+
+    Parameters
+    ----------
+    displacement : Tensor, (1, 3, Z, Y, X)
+        Normalised units.
+    steps : int
+        Squaring steps of the exponentials (0: automatic, :func:`squaring_steps`).
+    iterations : int
+        Fixed-point iterations (>= 0).
+    grid : Tensor, (1, Z, Y, X, 3), optional
+        :func:`identity_grid` of the field's shape.
+
+    Returns
+    -------
+    velocity : Tensor, (1, 3, Z, Y, X)
+        Normalised units, detached.
+    residual : Tensor, (1, 3, Z, Y, X)
+        ``exp(velocity) - u``, normalised units.
+    """
+    with torch.no_grad():
+        if grid is None:
+            grid = identity_grid(displacement.shape[2:], displacement.device, displacement.dtype)
+        velocity = displacement.clone()
+        best = None
+        for k in range(iterations + 1):
+            residual = exp_velocity(velocity, squaring_steps(velocity, steps), grid) - displacement
+            error = float(residual.abs().mean())
+            if best is None or error < best[0]:
+                best = (error, velocity, residual)
+            if k < iterations:
+                velocity = velocity - 0.5 * residual
+    return best[1], best[2]
 
 
 def gradient_scale(geometry: Geometry, device=None) -> torch.Tensor:

@@ -194,7 +194,9 @@ def test_weights_sum_within_tolerance():
     [
         ("(Seed 1)\n(LearningRat 0.1)", "p.txt:2: unknown key 'LearningRat' (did you mean 'LearningRate'?)"),
         ("(metric \"MSE\")", "p.txt:1: unknown key 'metric' (did you mean 'Metric'?)"),
-        ("(Transform \"BSplineTransform\")", "p.txt:1: unknown key 'Transform'"),
+        # Transform became a key (issue 15): an elastix transform name is now a wrong value, not a wrong key.
+        ("(Transform \"BSplineTransform\")",
+         "p.txt:1: Transform expects one of 'Displacement', 'Diffeomorphic', got 'BSplineTransform'"),
         ("(Seed abc)", "p.txt:1: Seed expects an integer >= 0 and <= 4294967295, got 'abc'"),
         ("(Seed -1)", "p.txt:1: Seed expects an integer >= 0 and <= 4294967295, got '-1'"),
         ("(NumberOfResolutions 2.0)", "p.txt:1: NumberOfResolutions expects an integer >= 1, got '2.0'"),
@@ -222,6 +224,13 @@ def test_weights_sum_within_tolerance():
          "p.txt:1: NormalizationPercentiles expects lo < hi, got '60' '40'"),
         ("(Metric0Weight -0.1)", "p.txt:1: Metric0Weight expects a number >= 0, got '-0.1'"),
         ("(Metric01Weight 1)", "p.txt:1: unknown key 'Metric01Weight' (did you mean 'Metric1Weight'?)"),
+        ('(Transform "SVF")', "p.txt:1: Transform expects one of 'Displacement', 'Diffeomorphic', got 'SVF'"),
+        ('(Seed 1)\n(Transform "Displacement" "Diffeomorphic")', "p.txt:2: Transform expects exactly 1 value, got 2"),
+        ("(NumberOfSquaringSteps 21)", "p.txt:1: NumberOfSquaringSteps expects an integer >= 0 and <= 20, got '21'"),
+        ("(NumberOfSquaringSteps -1)", "p.txt:1: NumberOfSquaringSteps expects an integer >= 0 and <= 20, got '-1'"),
+        ("(NumberOfSquaringSteps 7.5)",
+         "p.txt:1: NumberOfSquaringSteps expects an integer >= 0 and <= 20, got '7.5'"),
+        ('(Transfrom "Diffeomorphic")', "p.txt:1: unknown key 'Transfrom' (did you mean 'Transform'?)"),
     ],
 )
 def test_value_errors(text, message):
@@ -580,3 +589,43 @@ def test_mm_pyramid_and_window_errors(tmp_path, text, message):
     path.write_text(text + "\n")
     with pytest.raises(CombiregError, match=message):
         load_settings(path)
+
+
+# --------------------------------------------------------------------------------------------
+# The transform model (issue 15)
+# --------------------------------------------------------------------------------------------
+
+
+def test_transform_keys_are_read_and_round_trip():
+    s = _settings('(Transform "Diffeomorphic")\n(NumberOfSquaringSteps 7)')
+    assert s.transform == "Diffeomorphic" and s.diffeomorphic and s.squaring_steps == 7
+    assert settings_from_map(s.to_parameter_map()) == s
+    default = default_settings()
+    assert default.transform == "Displacement" and not default.diffeomorphic and default.squaring_steps == 0
+    # the default map (and so every Displacement params.txt) does not list them ...
+    assert "Transform" not in default_parameter_map() and "NumberOfSquaringSteps" not in default_parameter_map()
+    # ... and `combireg params defaults` shows them commented out
+    text = default_parameter_text()
+    assert '// (Transform "Displacement")' in text and "// (NumberOfSquaringSteps 0)" in text
+    assert _settings('(Transform "Displacement")') == default
+
+
+def test_cli_check_names_a_diffeomorphic_transform(cli, tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text('(Transform "Diffeomorphic")\n')
+    result = _invoke(cli, "params", "check", str(path))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (f"{path}: OK (1 key; metrics MSE+NCC 0.5/0.5, 3 resolutions, iterations 150 80 30, "
+                             "Diffeomorphic transform)\n")
+
+
+def test_squaring_step_limit_agrees_with_warp():
+    from combireg import params, warp
+
+    assert params.MAX_SQUARING_STEPS == warp.MAX_SQUARING_STEPS
+
+
+def test_readme_documents_the_transform_keys():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip() for line in readme.splitlines() if line.startswith("| `")}
+    assert {"`Transform`", "`NumberOfSquaringSteps`"} <= rows
