@@ -18,27 +18,33 @@ def baseline() -> None:
 @click.argument("target")
 @click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False),
               help="Output directory (created; must be empty unless --overwrite).")
-@click.option("-p", "--params", "params", type=click.Path(dir_okay=False), default=None,
-              help="elastix parameter file (default: itk-elastix's default B-spline map = "
-                   "params/elastix_bspline.txt).")
+@click.option("-p", "--params", "params", type=click.Path(dir_okay=False), multiple=True,
+              help="elastix parameter file, repeatable: the maps run in order, each from the transforms "
+                   "before it (default: rigid, affine, B-spline = params/elastix_rigid.txt, "
+                   "params/elastix_affine.txt, params/elastix_bspline.txt; `-p params/elastix_bspline.txt` "
+                   "alone: B-spline only).")
 @click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty output directory.")
-def elastix(source: str, target: str, output: str, params: str | None, overwrite: bool) -> None:
-    """B-spline registration of SOURCE to TARGET with itk-elastix (each one image or comma-separated
-    channel files; all channels through elastix's multi-image registration, one metric per pair).
+def elastix(source: str, target: str, output: str, params: tuple, overwrite: bool) -> None:
+    """Register SOURCE to TARGET with itk-elastix: by default rigid, then affine, then B-spline, as
+    elastix users run it (each side one image or comma-separated channel files; all channels
+    through elastix's multi-image registration, one metric per pair). Pyramid levels are stated
+    in mm (8, 4, 2, 1 mm per axis) unless a parameter file sets its own schedule.
 
-    Writes what `combireg run` writes: field.nii.gz (target grid, LPS mm, target x -> source
-    x + u(x)), field_inverse.nii.gz (source grid), warped_<k>.nii.gz, params.txt (the elastix map
-    used) and report.json.
+    Writes what `combireg run` writes: field.nii.gz (the whole chain; target grid, LPS mm, target
+    x -> source x + u(x)), field_inverse.nii.gz (source grid), warped_<k>.nii.gz, params.txt (the
+    elastix maps used, in order) and report.json.
     """
-    from combireg.adapters.elastix import read_parameter_map, register_elastix
+    from combireg.adapters.elastix import read_chain, register_elastix
     from combireg.outputs import prepare_output_dir
 
-    if params is not None:
-        read_parameter_map(params)  # a bad file fails before any work
+    if params:
+        read_chain(params)  # a bad file fails before any work
     outdir = prepare_output_dir(output, overwrite=overwrite)
-    result = register_elastix(channel_paths(source, "source"), channel_paths(target, "target"), parameter_file=params)
+    result = register_elastix(channel_paths(source, "source"), channel_paths(target, "target"),
+                              parameter_file=list(params) or None)
     result.save(outdir, overwrite=overwrite)
-    echo_registration(result.report, "elastix")
+    stages = result.report["method"].split("_")[1:]
+    echo_registration(result.report, f"elastix ({' -> '.join(stages)})")
     click.echo(f"results in {outdir}")
 
 
