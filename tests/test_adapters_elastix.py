@@ -136,6 +136,13 @@ def test_cli_bad_parameter_file(tmp_path, pair):
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("combireg: error:") and "bad.txt" in lines[0]
     assert not (tmp_path / "o").exists()
+    # a bad map after a good one (-p is repeatable): the same, before any work
+    good = tmp_path / "good.txt"
+    good.write_text(elastix.format_elastix_map(elastix.default_parameter_map()))
+    res = CliRunner().invoke(main, ["baseline", "elastix", str(tmp_path / "s.nii.gz"), str(tmp_path / "t.nii.gz"),
+                                    "-o", str(tmp_path / "o"), "-p", str(good), "-p", str(bad)])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and "bad.txt" in res.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_elastix_failure_is_one_line_error(tmp_path, pair):
