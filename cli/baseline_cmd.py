@@ -48,22 +48,15 @@ def elastix(source: str, target: str, output: str, params: tuple, overwrite: boo
     click.echo(f"results in {outdir}")
 
 
-def _int_list(value: str | None, option: str) -> tuple[int, ...] | None:
+def _number_list(value: str | None, option: str, kind: type = int) -> tuple | None:
+    """A comma-separated option value as a tuple of ``kind`` (int or float); None stays None."""
     if value is None:
         return None
     try:
-        return tuple(int(v) for v in value.replace(" ", ",").split(",") if v)
+        return tuple(kind(v) for v in value.replace(" ", ",").split(",") if v)
     except ValueError:
-        raise CombiregError(f"{option}: expected comma-separated integers, got {value!r}") from None
-
-
-def _float_list(value: str | None, option: str) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    try:
-        return tuple(float(v) for v in value.replace(" ", ",").split(",") if v)
-    except ValueError:
-        raise CombiregError(f"{option}: expected comma-separated numbers, got {value!r}") from None
+        what = "integers" if kind is int else "numbers"
+        raise CombiregError(f"{option}: expected comma-separated {what}, got {value!r}") from None
 
 
 @baseline.command("syn")
@@ -102,8 +95,9 @@ def syn(source: str, target: str, output: str, params: str | None, shrink_mm: st
     settings = read_syn_settings(params) if params is not None else SynSettings()
     if shrink is not None and shrink_mm is not None:
         raise CombiregError("give --shrink-mm or --shrink, not both")
-    overrides = {"shrink_factors": _int_list(shrink, "--shrink"), "shrink_spacing": _float_list(shrink_mm, "--shrink-mm"),
-                 "iterations": _int_list(iterations, "--iterations"), "cc_radius": cc_radius,
+    overrides = {"shrink_factors": _number_list(shrink, "--shrink"),
+                 "shrink_spacing": _number_list(shrink_mm, "--shrink-mm", float),
+                 "iterations": _number_list(iterations, "--iterations"), "cc_radius": cc_radius,
                  "metric_channel": channel, "pre_alignment": prealign}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if ("shrink_factors" in overrides or "shrink_spacing" in overrides) and "iterations" not in overrides:

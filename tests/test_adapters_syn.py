@@ -12,8 +12,8 @@ from combireg import Geometry, io
 from combireg.errors import CombiregError
 from combireg.warp import sample_field_at
 
-from tests.conftest import (ROOT, image_from_world_function, itk_warp_with_field, known_displacement,
-                            oblique_direction, smooth_pattern)
+from tests.conftest import (ROOT, check_itk_reproduces_warped, image_from_world_function, itk_warp_with_field,
+                            known_displacement, oblique_direction, smooth_pattern)
 
 pytest.importorskip("itk")
 syn = pytest.importorskip("combireg.adapters.syn")
@@ -193,15 +193,7 @@ def test_affine_stage_recovers_a_pose_syn_alone_does_not(posed):
 
 def test_posed_field_reproduces_warped_through_itk(tmp_path, posed):
     source, _, _, with_affine, _ = posed
-    src_path = tmp_path / "src.nii.gz"
-    io.write_image(src_path, source)
-    out = with_affine.save(tmp_path / "out")
-    ours, theirs = itk_warp_with_field(src_path, out)
-    grid = with_affine.target_geometry
-    index = source.geometry.world_to_index((grid.world_grid() + with_affine.displacement_lps_mm).reshape(-1, 3))
-    inside = np.all((index >= 1) & (index <= np.asarray(source.geometry.size) - 2), axis=1).reshape(grid.shape)
-    assert inside.mean() > 0.5
-    assert np.abs(ours[inside] - theirs[inside]).max() < 1e-3 * np.abs(ours).max()
+    out = check_itk_reproduces_warped(tmp_path, source, with_affine)
     assert syn.read_syn_settings(out / "params.txt") == with_affine.settings
 
 

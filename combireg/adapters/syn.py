@@ -256,31 +256,30 @@ _INT_FIELDS = {"shrink_factors", "iterations", "cc_radius", "convergence_window"
 _STR_FIELDS = {"pre_alignment"}
 
 
-def _int_tuple(values, name: str, *, minimum: int) -> tuple[int, ...]:
-    if isinstance(values, (int, np.integer)) and not isinstance(values, bool):
+def _number_tuple(values, name: str, *, integer: bool, minimum: float) -> tuple:
+    """``values`` (one number or a sequence) as a tuple of ints (``integer``: >= ``minimum``) or
+    of finite floats (> ``minimum``), else a :class:`CombiregError` naming ``name``."""
+    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    if isinstance(values, kinds) and not isinstance(values, bool):
         values = (values,)
+    what = "integers" if integer else "numbers"
     try:
         items = tuple(values)
     except TypeError:
-        raise CombiregError(f"{name}: expected a sequence of integers, got {values!r}") from None
+        raise CombiregError(f"{name}: expected a sequence of {what}, got {values!r}") from None
     for v in items:
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-            raise CombiregError(f"{name}: expected integers >= {minimum}, got {v!r}")
-    return tuple(int(v) for v in items)
+        if isinstance(v, bool) or not isinstance(v, kinds) or not np.isfinite(v) \
+                or (v < minimum if integer else v <= minimum):
+            raise CombiregError(f"{name}: expected {what} {'>=' if integer else '>'} {minimum}, got {v!r}")
+    return tuple(int(v) if integer else float(v) for v in items)
+
+
+def _int_tuple(values, name: str, *, minimum: int) -> tuple[int, ...]:
+    return _number_tuple(values, name, integer=True, minimum=minimum)
 
 
 def _positive_tuple(values, name: str) -> tuple[float, ...]:
-    if isinstance(values, (int, float, np.integer, np.floating)) and not isinstance(values, bool):
-        values = (values,)
-    try:
-        items = tuple(values)
-    except TypeError:
-        raise CombiregError(f"{name}: expected a sequence of numbers, got {values!r}") from None
-    for v in items:
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v) \
-                or v <= 0:
-            raise CombiregError(f"{name}: expected numbers > 0 (mm), got {v!r}")
-    return tuple(float(v) for v in items)
+    return _number_tuple(values, name, integer=False, minimum=0)
 
 
 def _as_values(value) -> tuple:
