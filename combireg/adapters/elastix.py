@@ -431,9 +431,9 @@ class ElastixResult:
 
     def params_text(self) -> str:
         count = len(self.parameter_maps)
-        what = "parameter map" if count == 1 else f"{count} parameter maps, run in this order"
-        return (f"// combireg {__version__}: elastix {what} of this run ({method_name(self.parameter_maps)}, "
-                f"from {self.parameters_source}),\n"
+        what = "parameter map" if count == 1 else f"parameter maps ({count}, run in this order)"
+        return (f"// combireg {__version__}: elastix {what} of this run ({method_name(self.parameter_maps)}),\n"
+                f"// from {self.parameters_source};\n"
                 f"// image metric repeated per channel, pyramid schedules written out. "
                 f"`combireg baseline elastix SRC TGT -p params.txt` reproduces it.\n"
                 + format_elastix_maps(self.parameter_maps))
