@@ -26,14 +26,13 @@ from .quality import self_check
 from .version import __version__
 from .warp import (
     affine_displacement,
-    compose_affine,
     field_statistics,
     invert_normalised,
     lps_mm_to_normalised,
     normalised_to_lps_mm,
     resample_field,
     resample_image,
-    sample_field_at,
+    undo_prealignment,
     upsample_normalised,
     warp_image,
 )
@@ -442,12 +441,9 @@ def _finish(fields: FieldPair, source: Image, target: Image, prepared: _Prepared
         # putting it on the source grid is a plain world-coordinate resampling of the vectors.
         v_mm = resample_field(w_work, work, source.geometry)
     else:
-        # Optimised space = target space with the source pulled back through A. Forward:
-        # x -> A(x + u(x)). Backward: a source point s lies at A^-1 s in that space, which the
-        # backward field w sends to A^-1 s + w(A^-1 s).
-        u_mm = compose_affine(prepared.affine, u_mm, target.geometry)
-        to_optimised = affine_displacement(np.linalg.inv(prepared.affine), source.geometry)
-        v_mm = to_optimised + sample_field_at(w_work, work, source.geometry, to_optimised)
+        # Optimised space = target space with the source pulled back through A (see
+        # undo_prealignment: forward x -> A(x + u(x)), backward s -> A^-1 s + w(A^-1 s)).
+        u_mm, v_mm = undo_prealignment(prepared.affine, u_mm, target.geometry, w_work, work, source.geometry)
     warped = warp_image(source, target.geometry, u_mm)
     weight = None
     if fields.correspondence_weight is not None:
