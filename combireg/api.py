@@ -269,6 +269,11 @@ def _prepare(source: Image, target: Image, source_mask: Image | None, target_mas
         target = n4_bias_correction(target, mask=target_mask)
         seconds["bias_field_correction"] = time.perf_counter() - clock
         clock = time.perf_counter()
+    # Normalised first: it also refuses a constant channel before any elastix work.
+    source_norm = normalise_intensities(source, settings.normalization_percentiles, role="source")
+    target_norm = normalise_intensities(target, settings.normalization_percentiles, role="target")
+    seconds["normalisation"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     affine = None
     if settings.pre_alignment != "none":
         from .preprocess import prealign
@@ -281,8 +286,6 @@ def _prepare(source: Image, target: Image, source_mask: Image | None, target_mas
         clock = time.perf_counter()
     geometry = working_geometry(target.geometry, settings)
     notes["working_grid"] = geometry.to_dict()
-    source_norm = normalise_intensities(source, settings.normalization_percentiles, role="source")
-    target_norm = normalise_intensities(target, settings.normalization_percentiles, role="target")
 
     def into_working_space(image: Image | None, is_source: bool) -> torch.Tensor | None:
         if image is None:
