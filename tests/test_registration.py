@@ -331,3 +331,35 @@ def test_histogram_bins_reach_the_mi_term_per_level():
     # -MI >= -log(bins): 8 bins cannot reach what 32 bins measure on these sharp-edged images
     assert all(-np.log(8) <= v for v in coarse) and fine[0] < coarse[0] - 0.3
     assert mixed[0] == coarse[0] and mixed[1] < coarse[1] - 0.3
+
+
+def test_default_settings_recover_a_large_pose_that_the_deformable_step_alone_does_not():
+    """15 degrees about an oblique axis and 15 mm: the default's centre-of-gravity start and rigid
+    pre-alignment (no key given) bring it within a voxel; the same run without them does not."""
+    from combireg import Geometry
+    from tests.conftest import oblique_direction
+
+    target_geometry = Geometry((40, 40, 32), origin=(-32.0, -31.0, -30.0), spacing=(1.6, 1.6, 2.0))
+    source_geometry = Geometry((44, 42, 36), origin=(-40.0, -36.0, -36.0), spacing=(1.8, 1.7, 2.0),
+                               direction=tuple(oblique_direction(7.0).ravel()))
+    centre = target_geometry.world_grid().reshape(-1, 3).mean(0)
+    axis = np.array([0.4, -0.3, 1.0]) / np.linalg.norm([0.4, -0.3, 1.0])
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    angle = np.deg2rad(15.0)
+    rot = np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+    shift = centre - rot @ centre + np.array([9.0, -9.0, 8.0])  # |(9, -9, 8)| = 15 mm
+    blob = lambda p: smooth_pattern(p, centre) * np.exp(-((p - centre) ** 2).sum(-1) / (2 * 16.0 ** 2))  # noqa: E731
+    source = image_from_world_function(source_geometry, blob)
+    target = image_from_world_function(target_geometry, lambda p: blob(p @ rot.T + shift))
+    x = target_geometry.world_grid()
+    truth = x @ rot.T + shift - x
+    near = np.linalg.norm(x - centre, axis=-1) < 18.0
+    assert np.linalg.norm(truth, axis=-1)[near].mean() > 14.0  # a large pose difference
+
+    quick = default_settings().replace(iterations=(40, 20, 10))  # the defaults otherwise (mm pyramid, rigid)
+    assert quick.pre_alignment == "rigid"
+    error = np.linalg.norm(register(source, target, quick).displacement_lps_mm - truth, axis=-1)[near]
+    assert error.mean() < 1.0, error.mean()
+    without = register(source, target, quick.replace(pre_alignment="none"))
+    worse = np.linalg.norm(without.displacement_lps_mm - truth, axis=-1)[near].mean()
+    assert worse > 2.0 and worse > 3.0 * error.mean(), (worse, error.mean())
