@@ -413,10 +413,13 @@ def register(source: ImageLike, target: ImageLike, params: Settings | ParamMap |
 
 def _self_check(fields: FieldPair, prepared: "_Prepared", report: dict, start, start_name: str) -> dict:
     """The do-no-harm check (:func:`combireg.quality.self_check`) on the finest level's grid."""
-    shape = fields.geometry.shape
-    factors = [max(1.0, b / a) for a, b in zip(prepared.geometry.spacing, fields.geometry.spacing)]
-    source = level_image(prepared.source, factors, shape)
-    target = level_image(prepared.target, factors, shape)
+    if fields.level_images is not None:
+        source, target = fields.level_images  # what the last level was optimised on
+    else:
+        shape = fields.geometry.shape
+        factors = [max(1.0, b / a) for a, b in zip(prepared.geometry.spacing, fields.geometry.spacing)]
+        source = level_image(prepared.source, factors, shape)
+        target = level_image(prepared.target, factors, shape)
     return self_check(source, target, fields.forward, report["jacobian"]["percent_nonpositive"], start=start,
                       start_name=start_name)
 
