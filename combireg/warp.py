@@ -337,7 +337,33 @@ def jacobian_determinant(displacement_lps_mm: np.ndarray, geometry: Geometry) ->
     u = np.asarray(displacement_lps_mm, dtype=np.float32)
     if min(u.shape[:3]) < 2:
         return np.ones(u.shape[:3], dtype=np.float32)
+    out = np.empty(u.shape[:3], dtype=np.float32)
+    for start, stop, determinant in _jacobian_slabs(u, geometry):
+        out[start:stop] = determinant
+    return out
+
+
+#: z-slices per slab of :func:`jacobian_determinant`.
+_JACOBIAN_SLAB = 8
+
+
+def _jacobian_slabs(u: np.ndarray, geometry: Geometry):
+    """``(start, stop, determinant)`` of consecutive z-slabs of a (Z, Y, X, 3) float32 field (Z >= 2).
+
+    Why slabs (each with a neighbour slice on either side, so the central differences at the
+    seams are the whole array's): the temporaries stay a few MB instead of eighteen arrays of the
+    full grid; for a 1 mm field half the CPU of one pass over the whole array, bit-identical.
+    """
     inv = np.linalg.inv(geometry.index_to_world_linear).astype(np.float32)  # d index / d world
+    depth = u.shape[0]
+    for start in range(0, depth, _JACOBIAN_SLAB):
+        stop = min(start + _JACOBIAN_SLAB, depth)
+        low, high = max(start - 1, 0), min(stop + 1, depth)
+        yield start, stop, _determinant(u[low:high], inv)[start - low:stop - low]
+
+
+def _determinant(u: np.ndarray, inv: np.ndarray) -> np.ndarray:
+    """Jacobian determinant of x -> x + u(x) on a (Z, Y, X, 3) block (np.gradient's differences)."""
     # d u_c / d i_a along grid axes a = x, y, z (array axes 2, 1, 0)
     d_index = [[np.gradient(u[..., c], axis=2 - a) for a in range(3)] for c in range(3)]
     jac = [[sum(d_index[c][a] * inv[a, w] for a in range(3)) + (1.0 if c == w else 0.0)
@@ -400,10 +426,24 @@ def field_statistics(displacement_lps_mm: np.ndarray, geometry: Geometry) -> dic
         ``{"jacobian": {"min", "max", "percent_nonpositive"}, "displacement_mm": {"max", "mean"}}``;
         a non-positive Jacobian determinant is a fold.
     """
-    jac = jacobian_determinant(displacement_lps_mm, geometry)
-    norm = np.linalg.norm(np.asarray(displacement_lps_mm, dtype=np.float32), axis=-1)
+    u = np.asarray(displacement_lps_mm, dtype=np.float32)
+    if min(u.shape[:3]) < 2:
+        low = high = 1.0
+        folded = 0
+    else:
+        low, high, folded = np.inf, -np.inf, 0
+        for _, _, jac in _jacobian_slabs(u, geometry):
+            low, high = min(low, float(jac.min())), max(high, float(jac.max()))
+            folded += int(np.count_nonzero(jac <= 0))
+    # |u| as np.linalg.norm computes it ((u_x^2 + u_y^2) + u_z^2, float32), without its
+    # full-size temporaries.
+    norm = np.square(u[..., 0])
+    norm += np.square(u[..., 1])
+    norm += np.square(u[..., 2])
+    np.sqrt(norm, out=norm)
+    voxels = int(np.prod(u.shape[:3]))
     return {
-        "jacobian": {"min": float(jac.min()), "max": float(jac.max()),
-                     "percent_nonpositive": float(100.0 * np.count_nonzero(jac <= 0) / jac.size)},
+        "jacobian": {"min": float(low), "max": float(high),
+                     "percent_nonpositive": float(100.0 * folded / voxels)},
         "displacement_mm": {"max": float(norm.max()), "mean": float(norm.mean())},
     }
