@@ -142,7 +142,10 @@ def normalise_intensities(image: Image, percentiles: tuple[float, float], *, rol
         lo, hi = np.percentile(values, percentiles)
         if hi - lo <= 1e-12 * max(1.0, abs(hi)):
             lo, hi = lo_v, hi_v  # mostly background: fall back to the full range
-        out[k] = ((image.data[k] - lo) / (hi - lo)).clamp(0.0, 1.0)
+        # In place in the output (the same kernels as ((x - lo) / (hi - lo)).clamp(0, 1), without
+        # two full-size temporaries). np.percentile selects (np.partition), it does not sort.
+        torch.sub(image.data[k], lo, out=out[k])
+        out[k].div_(hi - lo).clamp_(0.0, 1.0)
     return Image(out, image.geometry)
 
 
