@@ -110,7 +110,7 @@ class FieldPair:
     """
 
     forward: torch.Tensor  # (1, 3, z, y, x): target point -> source point
-    backward: torch.Tensor  # (1, 3, z, y, x): source point -> target point
+    backward: torch.Tensor | None  # (1, 3, z, y, x): source point -> target point (None: not asked for)
     geometry: Geometry  # the grid both fields live on
     levels: list
     #: (1, 1, z, y, x) similarity weight of the forward direction on ``geometry`` (CorrespondenceWeighting)
@@ -413,7 +413,7 @@ def optimise_fields(source: torch.Tensor, target: torch.Tensor, geometry: Geomet
                     init_forward: torch.Tensor | None = None, init_backward: torch.Tensor | None = None,
                     target_mask: torch.Tensor | None = None, source_mask: torch.Tensor | None = None,
                     callback: Callable[[dict], None] | None = None,
-                    levels: list[Level] | None = None) -> FieldPair:
+                    levels: list[Level] | None = None, inverse: bool = True) -> FieldPair:
     """Optimise forward (and backward) fields over the resolution pyramid.
 
     Parameters
@@ -438,6 +438,9 @@ def optimise_fields(source: torch.Tensor, target: torch.Tensor, geometry: Geomet
         Called after every iteration with a dict (level, levels, iteration, iterations, loss).
     levels : list of Level, optional
         The pyramid (default :func:`~combireg.pyramid.pyramid_levels` of ``settings`` on ``geometry``).
+    inverse : bool
+        Whether ``FieldPair.backward`` is needed when no backward field is optimised (the
+        numerical inverse costs 15 warps of the last level); False leaves it None there.
 
     Returns
     -------
@@ -487,7 +490,7 @@ def optimise_fields(source: torch.Tensor, target: torch.Tensor, geometry: Geomet
     else:
         if not settings.bidirectional:
             # Why: without a backward optimisation the inverse is the numerical inverse of u.
-            backward = invert_normalised(forward)
+            backward = invert_normalised(forward) if inverse else None
         partner = backward
     last = pyramid[-1].geometry
     weight, info = None, None

@@ -28,7 +28,8 @@ import numpy as np
 from .errors import CombiregError
 
 __all__ = ["FIELD_NAME", "INVERSE_FIELD_NAME", "PARAMS_NAME", "REPORT_NAME", "CORRESPONDENCE_WEIGHT_NAME", "warped_name",
-           "write_outputs", "prepare_output_dir", "prepare_resumable_dir", "atomic_output_dir"]
+           "OUTPUT_KINDS", "output_kinds", "write_outputs", "prepare_output_dir", "prepare_resumable_dir",
+           "atomic_output_dir"]
 
 #: Output file names are a contract read by other tools and by ``combireg evaluate``.
 FIELD_NAME = "field.nii.gz"
@@ -37,6 +38,37 @@ PARAMS_NAME = "params.txt"
 REPORT_NAME = "report.json"
 #: Written only with ``(CorrespondenceWeighting "true")``: the final similarity weight on the target grid.
 CORRESPONDENCE_WEIGHT_NAME = "correspondence_weight.nii.gz"
+
+
+#: The image outputs a run can be asked for (``combireg run --outputs``): ``field`` (FIELD_NAME),
+#: ``inverse`` (INVERSE_FIELD_NAME), ``warped`` (one warped_name(k) per channel). params.txt and
+#: report.json are always written; by default so is every kind, the full contract.
+OUTPUT_KINDS = ("field", "inverse", "warped")
+
+
+def output_kinds(value) -> tuple[str, ...]:
+    """The output kinds asked for, in :data:`OUTPUT_KINDS` order.
+
+    Parameters
+    ----------
+    value : None, str or sequence of str
+        None (every kind), ``"field,warped"``, or ``["field", "warped"]``; ``"all"`` names every kind.
+
+    Raises
+    ------
+    CombiregError
+        An unknown kind.
+    """
+    if value is None:
+        return OUTPUT_KINDS
+    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value)]
+    names = [n for n in names if n]
+    if "all" in names:
+        return OUTPUT_KINDS
+    unknown = [n for n in names if n not in OUTPUT_KINDS]
+    if unknown:
+        raise CombiregError(f"unknown output {unknown[0]!r} (choose from {', '.join(OUTPUT_KINDS)}, or all)")
+    return tuple(k for k in OUTPUT_KINDS if k in names)
 
 
 def warped_name(k: int) -> str:
@@ -121,29 +153,36 @@ def _replace_dir(tmp: Path, outdir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- the output contract
-def write_outputs(outdir: str | os.PathLike, result: Any, params_text: str, *, overwrite: bool = False) -> Path:
+def write_outputs(outdir: str | os.PathLike, result: Any, params_text: str, *, overwrite: bool = False,
+                  outputs=None) -> Path:
     """Write the output files of a registration method (the contract of ``combireg run``).
 
     ``result`` has ``displacement_lps_mm``, ``target_geometry``, ``inverse_displacement_lps_mm``,
     ``source_geometry``, ``warped`` and ``report`` (a :class:`combireg.api.Result` or a baseline's result), so
     every method writes the same files the same way; a ``correspondence_weight`` Image, where
     the result has one that is not None, is written as ``correspondence_weight.nii.gz``. Written
-    whole or not at all.
+    whole or not at all. ``outputs`` (see :func:`output_kinds`; default every kind) leaves out
+    the kinds not named, and an inverse or warped image the result does not hold (None).
     """
     from . import io
 
+    kinds = output_kinds(outputs)
     with atomic_output_dir(outdir, overwrite=overwrite) as tmp:
-        jobs = [(io.write_displacement, tmp / FIELD_NAME, result.displacement_lps_mm, result.target_geometry),
-                (io.write_displacement, tmp / INVERSE_FIELD_NAME, result.inverse_displacement_lps_mm,
-                 result.source_geometry)]
-        jobs += [(io.write_image, tmp / warped_name(k), result.warped.channel(k), None)
-                 for k in range(result.warped.num_channels)]
+        jobs = []
+        if "field" in kinds:
+            jobs.append((io.write_displacement, tmp / FIELD_NAME, result.displacement_lps_mm, result.target_geometry))
+        if "inverse" in kinds and result.inverse_displacement_lps_mm is not None:
+            jobs.append((io.write_displacement, tmp / INVERSE_FIELD_NAME, result.inverse_displacement_lps_mm,
+                         result.source_geometry))
+        if "warped" in kinds and result.warped is not None:
+            jobs += [(io.write_image, tmp / warped_name(k), result.warped.channel(k), None)
+                     for k in range(result.warped.num_channels)]
         weight = getattr(result, "correspondence_weight", None)
         if weight is not None:
             jobs.append((io.write_image, tmp / CORRESPONDENCE_WEIGHT_NAME, weight, None))
         # Why threads: gzip dominates writing a 1 mm field and zlib releases the GIL, so the
         # files compress in parallel.
-        with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
             for future in [pool.submit(fn, path, data, geometry) for fn, path, data, geometry in jobs]:
                 future.result()
         (tmp / PARAMS_NAME).write_text(params_text)
