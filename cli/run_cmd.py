@@ -72,7 +72,7 @@ def run(source: str, target: str, output: str, params: str | None, init: str | N
 
     from combireg.api import register
     from combireg.device import resolve_device
-    from combireg.outputs import output_kinds, prepare_output_dir
+    from combireg.outputs import OutputWriter, output_kinds, prepare_output_dir
     from combireg.params import load_settings
 
     kinds = output_kinds(outputs)  # an unknown kind: one line before any work
@@ -93,21 +93,23 @@ def run(source: str, target: str, output: str, params: str | None, init: str | N
         bar.set_description(f"level {event['level'] + 1}/{event['levels']}")
         bar.set_postfix(loss=f"{event['loss']:.4f}", refresh=False)
 
-    try:
-        result = register(source_in, target_in, settings, init=init,
-                          device=device, callback=progress, target_mask=target_mask, source_mask=source_mask,
-                          max_memory_bytes=None if max_memory_gb is None else int(max_memory_gb * 2**30),
-                          outputs=kinds)
-    finally:
-        bar.close()
-    tre = None
-    if landmarks is not None:
-        from combireg.landmarks import compute_tre
+    # The files are written as the run produces them (the folder appears whole at the end).
+    with OutputWriter(outdir, overwrite=overwrite, outputs=kinds) as writer:
+        try:
+            result = register(source_in, target_in, settings, init=init,
+                              device=device, callback=progress, target_mask=target_mask, source_mask=source_mask,
+                              max_memory_bytes=None if max_memory_gb is None else int(max_memory_gb * 2**30),
+                              outputs=kinds, writer=writer)
+        finally:
+            bar.close()
+        tre = None
+        if landmarks is not None:
+            from combireg.landmarks import compute_tre
 
-        tre = compute_tre(result.displacement_lps_mm, result.target_geometry, *landmarks)
-        result.report["tre"] = {"target_landmarks": target_landmarks, "source_landmarks": source_landmarks,
-                                **tre.to_dict()}
-    result.save(outdir, overwrite=overwrite)
+            tre = compute_tre(result.displacement_lps_mm, result.target_geometry, *landmarks)
+            result.report["tre"] = {"target_landmarks": target_landmarks, "source_landmarks": source_landmarks,
+                                    **tre.to_dict()}
+        writer.finish(result.params_text(), result.report)
     echo_registration(result.report)
     if tre is not None:
         st = tre.statistics

@@ -17,7 +17,7 @@ import torch
 from .errors import CombiregError
 from .geometry import Geometry
 from .image import Image
-from .outputs import CORRESPONDENCE_WEIGHT_NAME, output_kinds, write_outputs
+from .outputs import CORRESPONDENCE_WEIGHT_NAME, OutputWriter, output_kinds, write_outputs
 from .optimize import FieldPair, level_image, normalise_intensities, optimise_fields
 from .paramfile import ParamMap
 from .params import Settings, format_parameter_map, load_settings, settings_from_map
@@ -79,9 +79,12 @@ class Result:
 
     def save(self, outdir: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write every output it holds into ``outdir`` atomically (temporary folder beside it, then rename)."""
-        params_text = _params_header(self.settings) + format_parameter_map(self.settings.to_parameter_map())
-        return write_outputs(outdir, self, params_text, overwrite=overwrite,
+        return write_outputs(outdir, self, self.params_text(), overwrite=overwrite,
                              outputs=self.report.get("outputs"))
+
+    def params_text(self) -> str:
+        """The fully resolved parameter file of this run (``params.txt``)."""
+        return _params_header(self.settings) + format_parameter_map(self.settings.to_parameter_map())
 
 
 def _params_header(settings: Settings) -> str:
@@ -307,7 +310,7 @@ def _prepare(source: Image, target: Image, source_mask: Image | None, target_mas
 def register(source: ImageLike, target: ImageLike, params: Settings | ParamMap | str | os.PathLike | None = None,
              init=None, *, device: str = "cpu", callback: Callable[[dict], None] | None = None,
              max_memory_bytes: int | None = None, target_mask: MaskLike = None,
-             source_mask: MaskLike = None, outputs=None) -> Result:
+             source_mask: MaskLike = None, outputs=None, writer: OutputWriter | None = None) -> Result:
     """Register ``source`` to ``target`` by instance optimisation of the paper's loss.
 
     Parameters
@@ -341,6 +344,10 @@ def register(source: ImageLike, target: ImageLike, params: Settings | ParamMap |
         ``Result.inverse_displacement_lps_mm`` is None; without ``"warped"`` ``Result.warped`` is
         None. The forward field is always computed (the report's Jacobian and the TRE need it);
         :meth:`Result.save` writes the kinds asked for (``report["outputs"]``).
+    writer : OutputWriter, optional
+        An open :class:`combireg.outputs.OutputWriter`: each output file is handed to it as soon
+        as it is computed, so the files are written while the run finishes (the caller then
+        calls ``writer.finish(result.params_text(), result.report)``).
 
     Preprocessing follows the settings' ``BiasFieldCorrection`` (N4), ``PreAlignment``
     (rigid/affine with itk-elastix, composed into the result's fields), ``WorkingOrientation``
@@ -402,7 +409,7 @@ def register(source: ImageLike, target: ImageLike, params: Settings | ParamMap |
                              init_forward=init_f, init_backward=init_b, target_mask=prepared.target_mask,
                              source_mask=prepared.source_mask, callback=callback, inverse="inverse" in kinds)
     t_opt = time.perf_counter() - start - t_prep
-    result = _finish(fields, source_img, target_img, prepared, settings, kinds)
+    result = _finish(fields, source_img, target_img, prepared, settings, kinds, writer)
     seconds = {**prepared.seconds, "preparation": t_prep, "optimisation": t_opt,
                "total": time.perf_counter() - start}
     result.report = _report(result, fields, settings, device, source_img, target_img, seconds)
@@ -447,9 +454,10 @@ def _correspondence_summary(weight: Image, info: dict | None) -> dict:
 
 
 def _finish(fields: FieldPair, source: Image, target: Image, prepared: _Prepared, settings: Settings,
-            kinds: tuple = ("field", "inverse", "warped")) -> Result:
+            kinds: tuple = ("field", "inverse", "warped"), writer: OutputWriter | None = None) -> Result:
     """Fields in LPS mm on the target grid (forward) and the source grid (inverse), and the warp
-    (the inverse and the warp only where ``kinds`` asks for them)."""
+    (the inverse and the warp only where ``kinds`` asks for them), each handed to ``writer`` as
+    soon as it is ready (the warped images first after the field: they take longest to write)."""
     work = prepared.geometry
     u_work = normalised_to_lps_mm(upsample_normalised(fields.forward, work.shape), work)
     u_mm = resample_field(u_work, work, target.geometry)
@@ -457,6 +465,11 @@ def _finish(fields: FieldPair, source: Image, target: Image, prepared: _Prepared
         # Optimised space = target space with the source pulled back through A. Forward:
         # x -> A(x + u(x)).
         u_mm = compose_affine(prepared.affine, u_mm, target.geometry)
+    if writer is not None:
+        writer.field(u_mm, target.geometry)
+    warped = warp_image(source, target.geometry, u_mm) if "warped" in kinds else None
+    if writer is not None:
+        writer.warped(warped)
     v_mm = None
     if "inverse" in kinds and fields.backward is not None:
         w_work = normalised_to_lps_mm(upsample_normalised(fields.backward, work.shape), work)
@@ -469,13 +482,16 @@ def _finish(fields: FieldPair, source: Image, target: Image, prepared: _Prepared
             # backward field w sends to A^-1 s + w(A^-1 s).
             to_optimised = affine_displacement(np.linalg.inv(prepared.affine), source.geometry)
             v_mm = to_optimised + sample_field_at(w_work, work, source.geometry, to_optimised)
-    warped = warp_image(source, target.geometry, u_mm) if "warped" in kinds else None
+        if writer is not None:
+            writer.inverse(v_mm, source.geometry)
     weight = None
     if fields.correspondence_weight is not None:
         # Like the fields: up to the working grid, then onto the target grid in world coordinates.
         on_work = Image(upsample_normalised(fields.correspondence_weight.cpu(), work.shape)[0], work)
         weight = resample_image(on_work, target.geometry, padding_mode="border")
         weight = Image(weight.data.clamp(0.0, 1.0), target.geometry)
+        if writer is not None:
+            writer.correspondence_weight(weight)
     return Result(u_mm, target.geometry, v_mm, source.geometry, warped, settings, correspondence_weight=weight)
 
 
