@@ -18,37 +18,45 @@ def baseline() -> None:
 @click.argument("target")
 @click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False),
               help="Output directory (created; must be empty unless --overwrite).")
-@click.option("-p", "--params", "params", type=click.Path(dir_okay=False), default=None,
-              help="elastix parameter file (default: itk-elastix's default B-spline map = "
-                   "params/elastix_bspline.txt).")
+@click.option("-p", "--params", "params", type=click.Path(dir_okay=False), multiple=True,
+              help="elastix parameter file, repeatable: the maps run in order, each from the transforms "
+                   "before it (default: rigid, affine, B-spline = params/elastix_rigid.txt, "
+                   "params/elastix_affine.txt, params/elastix_bspline.txt; `-p params/elastix_bspline.txt` "
+                   "alone: B-spline only).")
 @click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty output directory.")
-def elastix(source: str, target: str, output: str, params: str | None, overwrite: bool) -> None:
-    """B-spline registration of SOURCE to TARGET with itk-elastix (each one image or comma-separated
-    channel files; all channels through elastix's multi-image registration, one metric per pair).
+def elastix(source: str, target: str, output: str, params: tuple, overwrite: bool) -> None:
+    """Register SOURCE to TARGET with itk-elastix: by default rigid, then affine, then B-spline, as
+    elastix users run it (each side one image or comma-separated channel files; all channels
+    through elastix's multi-image registration, one metric per pair). Pyramid levels are stated
+    in mm (8, 4, 2, 1 mm per axis) unless a parameter file sets its own schedule.
 
-    Writes what `combireg run` writes: field.nii.gz (target grid, LPS mm, target x -> source
-    x + u(x)), field_inverse.nii.gz (source grid), warped_<k>.nii.gz, params.txt (the elastix map
-    used) and report.json.
+    Writes what `combireg run` writes: field.nii.gz (the whole chain; target grid, LPS mm, target
+    x -> source x + u(x)), field_inverse.nii.gz (source grid), warped_<k>.nii.gz, params.txt (the
+    elastix maps used, in order) and report.json.
     """
-    from combireg.adapters.elastix import read_parameter_map, register_elastix
+    from combireg.adapters.elastix import read_chain, register_elastix
     from combireg.outputs import prepare_output_dir
 
-    if params is not None:
-        read_parameter_map(params)  # a bad file fails before any work
+    if params:
+        read_chain(params)  # a bad file fails before any work
     outdir = prepare_output_dir(output, overwrite=overwrite)
-    result = register_elastix(channel_paths(source, "source"), channel_paths(target, "target"), parameter_file=params)
+    result = register_elastix(channel_paths(source, "source"), channel_paths(target, "target"),
+                              parameter_file=list(params) or None)
     result.save(outdir, overwrite=overwrite)
-    echo_registration(result.report, "elastix")
+    stages = result.report["method"].split("_")[1:]
+    echo_registration(result.report, f"elastix ({' -> '.join(stages)})")
     click.echo(f"results in {outdir}")
 
 
-def _int_list(value: str | None, option: str) -> tuple[int, ...] | None:
+def _number_list(value: str | None, option: str, kind: type = int) -> tuple | None:
+    """A comma-separated option value as a tuple of ``kind`` (int or float); None stays None."""
     if value is None:
         return None
     try:
-        return tuple(int(v) for v in value.replace(" ", ",").split(",") if v)
+        return tuple(kind(v) for v in value.replace(" ", ",").split(",") if v)
     except ValueError:
-        raise CombiregError(f"{option}: expected comma-separated integers, got {value!r}") from None
+        what = "integers" if kind is int else "numbers"
+        raise CombiregError(f"{option}: expected comma-separated {what}, got {value!r}") from None
 
 
 @baseline.command("syn")
@@ -58,40 +66,48 @@ def _int_list(value: str | None, option: str) -> tuple[int, ...] | None:
               help="Output directory (created; must be empty unless --overwrite).")
 @click.option("-p", "--params", "params", type=click.Path(dir_okay=False), default=None,
               help="SyN parameter file, such as the params.txt of an earlier run (default: built-in settings).")
+@click.option("--shrink-mm", "shrink_mm", default=None, metavar="S1,S2,...",
+              help="Pyramid levels in mm, coarsest first (default 8,4,2): per axis max(1, mm / spacing).")
 @click.option("--shrink", "shrink", default=None, metavar="F1,F2,...",
-              help="Shrink factors per level, coarsest first (default 8,4,2).")
+              help="Pyramid levels as shrink factors in voxels instead, the same on every axis.")
 @click.option("--iterations", "iterations", default=None, metavar="N1,N2,...",
               help="Maximum iterations per level (default 100,70,20).")
 @click.option("--cc-radius", "cc_radius", type=int, default=None, help="Cross-correlation radius in voxels (default 2).")
 @click.option("--channel", "channel", type=int, default=None,
               help="Channel (0-based) that drives the registration (default 0); all channels are warped.")
+@click.option("--prealign", "prealign", type=click.Choice(["affine", "rigid", "none"]), default=None,
+              help="Linear stage before SyN (default affine, elastix on 3 mm copies).")
 @click.option("--overwrite", is_flag=True, help="Replace the contents of a non-empty output directory.")
-def syn(source: str, target: str, output: str, params: str | None, shrink: str | None, iterations: str | None,
-        cc_radius: int | None, channel: int | None, overwrite: bool) -> None:
-    """Symmetric normalisation (SyN) of SOURCE to TARGET with ITK's SyNImageRegistrationMethod and
-    ANTs' neighbourhood cross-correlation (each side one image or comma-separated channel files;
-    one channel drives the registration, all are warped).
+def syn(source: str, target: str, output: str, params: str | None, shrink_mm: str | None, shrink: str | None,
+        iterations: str | None, cc_radius: int | None, channel: int | None, prealign: str | None,
+        overwrite: bool) -> None:
+    """Affine pre-alignment, then symmetric normalisation (SyN) of SOURCE to TARGET with ITK's
+    SyNImageRegistrationMethod and ANTs' neighbourhood cross-correlation (each side one image or
+    comma-separated channel files; one channel drives the registration, all are warped).
 
-    Writes what `combireg run` writes: field.nii.gz (target grid, LPS mm, target x -> source
-    x + u(x)), field_inverse.nii.gz (SyN's own inverse, source grid), warped_<k>.nii.gz,
-    params.txt (the SyN settings) and report.json.
+    Writes what `combireg run` writes: field.nii.gz (affine and SyN; target grid, LPS mm, target
+    x -> source x + u(x)), field_inverse.nii.gz (SyN's own inverse, source grid),
+    warped_<k>.nii.gz, params.txt (the SyN settings) and report.json.
     """
-    import dataclasses
-
     from combireg.adapters.syn import SynSettings, read_syn_settings, register_syn
     from combireg.outputs import prepare_output_dir
 
     settings = read_syn_settings(params) if params is not None else SynSettings()
-    overrides = {"shrink_factors": _int_list(shrink, "--shrink"), "iterations": _int_list(iterations, "--iterations"),
-                 "cc_radius": cc_radius, "metric_channel": channel}
+    if shrink is not None and shrink_mm is not None:
+        raise CombiregError("give --shrink-mm or --shrink, not both")
+    overrides = {"shrink_factors": _number_list(shrink, "--shrink"),
+                 "shrink_spacing": _number_list(shrink_mm, "--shrink-mm", float),
+                 "iterations": _number_list(iterations, "--iterations"), "cc_radius": cc_radius,
+                 "metric_channel": channel, "pre_alignment": prealign}
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if "shrink_factors" in overrides and "iterations" not in overrides:
-        raise CombiregError("--shrink needs --iterations too (one count per level)")
-    settings = dataclasses.replace(settings, **overrides)  # bad values fail before any work
+    if ("shrink_factors" in overrides or "shrink_spacing" in overrides) and "iterations" not in overrides:
+        raise CombiregError(f"{'--shrink' if shrink else '--shrink-mm'} needs --iterations too (one count per level)")
+    settings = settings.with_changes(**overrides)  # bad values fail before any work
     outdir = prepare_output_dir(output, overwrite=overwrite)
     result = register_syn(channel_paths(source, "source"), channel_paths(target, "target"), settings=settings)
     result.save(outdir, overwrite=overwrite)
-    echo_registration(result.report, "ITK SyN")
+    echo_registration(result.report, "ITK SyN" if settings.pre_alignment == "none" else
+                      f"ITK SyN (after {settings.pre_alignment} pre-alignment)")
     click.echo(f"results in {outdir}")
 
 

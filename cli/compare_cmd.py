@@ -21,7 +21,8 @@ from combireg.landmarks import LANDMARK_SPACES
 @click.option("-p", "--params", "params", type=click.Path(dir_okay=False), default=None,
               help="combireg's parameter file (default: built-in defaults = params/default.txt).")
 @click.option("--elastix-params", type=click.Path(dir_okay=False), default=None,
-              help="elastix parameter file of the elastix baseline (default: params/elastix_bspline.txt).")
+              help="elastix parameter file of the elastix baseline (default: the rigid, affine, B-spline "
+                   "chain; params/elastix_bspline.txt: B-spline only).")
 @click.option("--syn-params", type=click.Path(dir_okay=False), default=None,
               help="Settings file of the SyN baseline (as the params.txt of `combireg baseline syn`).")
 @click.option("--landmark-space", type=click.Choice(LANDMARK_SPACES, case_sensitive=False), default=None,
@@ -32,8 +33,8 @@ from combireg.landmarks import LANDMARK_SPACES
 def compare(source: str, target: str, target_landmarks: str, source_landmarks: str, output: str,
             methods: tuple, params: str | None, elastix_params: str | None, syn_params: str | None, landmark_space: str | None, device: str, overwrite: bool,
             quiet: bool) -> None:
-    """Register SOURCE to TARGET with combireg (default preset) and the baselines (elastix B-spline,
-    ITK SyN) and print one table: TRE before/after, robustness, wall time, peak memory, % folding.
+    """Register SOURCE to TARGET with combireg (default preset) and the baselines (elastix rigid ->
+    affine -> B-spline, affine + ITK SyN) and print one table: TRE before/after, robustness, wall time, peak memory, % folding.
 
     Writes each method's outputs (DIR/<method>/, the files of `combireg run`), compare.md,
     compare.json and qc.png (target and each warped source through the slices of largest initial

@@ -63,7 +63,8 @@ def evaluate(dataset: str, methods: tuple, output: str, compare: tuple, pairs: s
     SPEC is a comma-separated list of KEY:VALUE items:
       params:FILE     elastix-syntax parameter file (default: built-in defaults)
       init:FIELD      initial forward field; {case} is replaced by the case id
-      baseline:elastix  elastix B-spline baseline (params:FILE = elastix parameter file)
+      baseline:elastix  elastix rigid+affine+B-spline baseline (params:FILE = elastix parameter file)
+      baseline:syn    affine + ITK SyN baseline (params:FILE = SyN settings file)
       drn:MODEL       a DRN model file (or drn, the shipped one) starting the optimisation
     A bare FILE means params:FILE. Relative paths are relative to the current folder.
 

@@ -33,7 +33,7 @@ from .warp import (
     normalised_to_lps_mm,
     resample_field,
     resample_image,
-    sample_field_at,
+    undo_prealignment_inverse,
     upsample_normalised,
     warp_image,
 )
@@ -276,6 +276,11 @@ def _prepare(source: Image, target: Image, source_mask: Image | None, target_mas
         target = n4_bias_correction(target, mask=target_mask)
         seconds["bias_field_correction"] = time.perf_counter() - clock
         clock = time.perf_counter()
+    # Normalised first: it also refuses a constant channel before any elastix work.
+    source_norm = normalise_intensities(source, settings.normalization_percentiles, role="source")
+    target_norm = normalise_intensities(target, settings.normalization_percentiles, role="target")
+    seconds["normalisation"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     affine = None
     if settings.pre_alignment != "none":
         from .preprocess import prealign
@@ -288,8 +293,6 @@ def _prepare(source: Image, target: Image, source_mask: Image | None, target_mas
         clock = time.perf_counter()
     geometry = working_geometry(target.geometry, settings)
     notes["working_grid"] = geometry.to_dict()
-    source_norm = normalise_intensities(source, settings.normalization_percentiles, role="source")
-    target_norm = normalise_intensities(target, settings.normalization_percentiles, role="target")
 
     def into_working_space(image: Image | None, is_source: bool) -> torch.Tensor | None:
         if image is None:
@@ -462,8 +465,8 @@ def _finish(fields: FieldPair, source: Image, target: Image, prepared: _Prepared
     u_work = normalised_to_lps_mm(upsample_normalised(fields.forward, work.shape), work)
     u_mm = resample_field(u_work, work, target.geometry)
     if prepared.affine is not None:
-        # Optimised space = target space with the source pulled back through A. Forward:
-        # x -> A(x + u(x)).
+        # Optimised space = target space with the source pulled back through A (see
+        # undo_prealignment: forward x -> A(x + u(x)), backward s -> A^-1 s + w(A^-1 s)).
         u_mm = compose_affine(prepared.affine, u_mm, target.geometry)
     if writer is not None:
         writer.field(u_mm, target.geometry)
@@ -478,10 +481,7 @@ def _finish(fields: FieldPair, source: Image, target: Image, prepared: _Prepared
             # putting it on the source grid is a plain world-coordinate resampling of the vectors.
             v_mm = resample_field(w_work, work, source.geometry)
         else:
-            # Backward: a source point s lies at A^-1 s in the optimised space, which the
-            # backward field w sends to A^-1 s + w(A^-1 s).
-            to_optimised = affine_displacement(np.linalg.inv(prepared.affine), source.geometry)
-            v_mm = to_optimised + sample_field_at(w_work, work, source.geometry, to_optimised)
+            v_mm = undo_prealignment_inverse(prepared.affine, w_work, work, source.geometry)
         if writer is not None:
             writer.inverse(v_mm, source.geometry)
     weight = None

@@ -105,7 +105,8 @@ def compare_pair(source: str | Sequence[str], target: str | Sequence[str], targe
     params : path, optional
         combireg's parameter file (default: the built-in defaults = ``params/default.txt``).
     elastix_params : path, optional
-        elastix parameter file of the elastix baseline (default: ``params/elastix_bspline.txt``'s map).
+        elastix parameter file of the elastix baseline, one map or several (default: the rigid ->
+        affine -> B-spline chain of :func:`combireg.adapters.elastix.register_elastix`).
     syn_params : path, optional
         Settings file of the SyN baseline (default: :class:`combireg.adapters.syn.SynSettings`).
     landmark_space : {"lps", "ras", "index"}, optional

@@ -141,12 +141,15 @@ def sync_elastix_clock() -> int:
     return steps
 
 
-def run_elastix(pairs: Sequence[tuple[Any, Any]], parameter_map: ParameterMap, workdir: str | os.PathLike, *,
-                what: str = "elastix", fixed_mask: Any = None, moving_mask: Any = None) -> Any:
+def run_elastix(pairs: Sequence[tuple[Any, Any]], parameter_map: ParameterMap | Sequence[ParameterMap],
+                workdir: str | os.PathLike, *, what: str = "elastix", fixed_mask: Any = None,
+                moving_mask: Any = None) -> Any:
     """Run an itk-elastix registration in ``workdir`` (logging to a file there) and return it.
 
-    ``pairs`` are (fixed, moving) ITK images, one per metric. The caller holds ``workdir`` (a
-    temporary folder) for as long as it reads results: ITK pipelines are lazy.
+    ``pairs`` are (fixed, moving) ITK images, one per metric. ``parameter_map`` is one map or a
+    list of maps run in order as one chain (each starts from the transforms before it). The
+    caller holds ``workdir`` (a temporary folder) for as long as it reads results: ITK pipelines
+    are lazy.
 
     Raises
     ------
@@ -155,7 +158,8 @@ def run_elastix(pairs: Sequence[tuple[Any, Any]], parameter_map: ParameterMap, w
     """
     itk = _itk()
     parameters = itk.ParameterObject.New()
-    parameters.AddParameterMap(parameter_map)
+    for pm in [parameter_map] if isinstance(parameter_map, dict) else parameter_map:
+        parameters.AddParameterMap(pm)
     reg = itk.ElastixRegistrationMethod[type(pairs[0][0]), type(pairs[0][1])].New()
     for fixed, moving in pairs:
         reg.AddFixedImage(fixed)

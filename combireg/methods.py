@@ -8,10 +8,12 @@ can be checked before any cell runs (parameter files, a DRN model, the optional 
     params:FILE      elastix-syntax parameter file (default: the built-in defaults)
     init:FIELD       initial forward field; "{case}" in FIELD is replaced by the case id,
                      e.g. init:out/cases/{case}/affine/field.nii.gz
-    baseline:elastix elastix B-spline (itk-elastix); with params:FILE an elastix parameter
-                     file (default: params/elastix_bspline.txt's map); no init
-    baseline:syn     ITK's SyN with neighbourhood cross-correlation; with params:FILE a SyN
-                     settings file (the params.txt a ``baseline syn`` run writes)
+    baseline:elastix elastix rigid -> affine -> B-spline (itk-elastix, pyramids in mm); with
+                     params:FILE an elastix parameter file of one map or several (such as a
+                     chain's params.txt; params/elastix_bspline.txt: B-spline only); no init
+    baseline:syn     affine pre-alignment, then ITK's SyN with neighbourhood cross-correlation
+                     (levels in mm); with params:FILE a SyN settings file (the params.txt a
+                     ``baseline syn`` run writes)
     baseline:ants    ants.registration SyN (needs the optional package antspyx)
     drn:MODEL        a DRN (model file from ``combireg train``, or ``drn`` for the shipped
                      model) whose fields start the instance optimisation; with
@@ -175,9 +177,9 @@ def parse_method(text: str) -> MethodSpec:
         if method.params is not None:
             # validate up front
             if method.baseline == "elastix":
-                from .adapters.elastix import read_parameter_map
+                from .adapters.elastix import read_parameter_maps
 
-                read_parameter_map(method.params)
+                read_parameter_maps(method.params)
             elif method.baseline == "syn":
                 from .adapters.syn import read_syn_settings
 

@@ -238,10 +238,11 @@ SCHEMA: tuple[KeySpec, ...] = (
         minimum=1,
     ),
     KeySpec(
-        "PreAlignment", "str", "1", ("none",),
+        "PreAlignment", "str", "1", ("rigid",),
         "Rigid or affine pre-alignment of the source to the target with itk-elastix before the "
-        "deformable optimisation: \"none\", \"rigid\" or \"affine\". The affine is composed into the "
-        "written fields (still one field on the target grid, target x -> source x + u(x)).",
+        "deformable optimisation: \"none\", \"rigid\" (default: centre-of-gravity start, then Mattes MI on "
+        "3 mm copies, about 1 s) or \"affine\". The affine is composed into the written fields (still one "
+        "field on the target grid, target x -> source x + u(x)); skipped when an initial field is given.",
         choices=PRE_ALIGNMENTS,
     ),
     KeySpec(

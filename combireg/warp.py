@@ -38,6 +38,8 @@ __all__ = [
     "gradient_scale",
     "affine_displacement",
     "compose_affine",
+    "undo_prealignment",
+    "undo_prealignment_inverse",
     "sample_field_at",
     "field_statistics",
 ]
@@ -396,6 +398,67 @@ def compose_affine(matrix: np.ndarray, displacement_lps_mm: np.ndarray, geometry
     points = geometry.world_grid()
     deformed = points + np.asarray(displacement_lps_mm, dtype=np.float64)
     return (deformed @ matrix[:3, :3].T + matrix[:3, 3] - points).astype(np.float32)
+
+
+def undo_prealignment(matrix: np.ndarray, forward_lps_mm: np.ndarray, target_geometry: Geometry,
+                      backward_lps_mm: np.ndarray, backward_geometry: Geometry,
+                      source_geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """The fields of a deformable registration run after an affine pre-alignment, in source terms.
+
+    The deformable registration saw the source pulled back into target space through ``A``
+    (``source(A y)`` at a point y of target space). This turns its two fields into fields between
+    the original images.
+
+    Parameters
+    ----------
+    matrix : ndarray, (4, 4)
+        ``A``: target point -> source point, LPS mm (what
+        :func:`combireg.preprocess.prealign` returns).
+    forward_lps_mm : ndarray, (Z, Y, X, 3)
+        u on ``target_geometry``: target x -> pulled-back source point x + u(x).
+    target_geometry : Geometry
+    backward_lps_mm : ndarray, (Z', Y', X', 3)
+        w on ``backward_geometry`` (a grid of target space): pulled-back source point y ->
+        target point y + w(y).
+    backward_geometry : Geometry
+    source_geometry : Geometry
+        The grid the inverse is written on.
+
+    Returns
+    -------
+    forward : ndarray, (Z, Y, X, 3) float32
+        On ``target_geometry``: x -> ``A (x + u(x))``.
+    inverse : ndarray, (Zs, Ys, Xs, 3) float32
+        On ``source_geometry``: a source point s lies at ``A^-1 s`` in the registered space,
+        which w sends to ``A^-1 s + w(A^-1 s)`` (border values outside w's grid).
+    """
+    forward = compose_affine(matrix, forward_lps_mm, target_geometry)
+    return forward, undo_prealignment_inverse(matrix, backward_lps_mm, backward_geometry, source_geometry)
+
+
+def undo_prealignment_inverse(matrix: np.ndarray, backward_lps_mm: np.ndarray, backward_geometry: Geometry,
+                              source_geometry: Geometry) -> np.ndarray:
+    """The inverse half of :func:`undo_prealignment`, for callers that need the forward field
+    earlier (``combireg run`` writes it while the inverse is computed).
+
+    Parameters
+    ----------
+    matrix : ndarray, (4, 4)
+        ``A``: target point -> source point, LPS mm.
+    backward_lps_mm : ndarray, (Z', Y', X', 3)
+        w on ``backward_geometry``: pulled-back source point y -> target point y + w(y).
+    backward_geometry : Geometry
+    source_geometry : Geometry
+        The grid the inverse is written on.
+
+    Returns
+    -------
+    ndarray, (Zs, Ys, Xs, 3) float32
+        On ``source_geometry``: s -> ``A^-1 s + w(A^-1 s)`` (border values outside w's grid).
+    """
+    to_registered = affine_displacement(np.linalg.inv(_check_affine(matrix)), source_geometry)
+    inverse = to_registered + sample_field_at(backward_lps_mm, backward_geometry, source_geometry, to_registered)
+    return inverse.astype(np.float32)
 
 
 def sample_field_at(displacement_lps_mm: np.ndarray, field_geometry: Geometry, geometry: Geometry,

@@ -177,7 +177,8 @@ def test_run_with_a_drn_init_end_to_end(tmp_path, fast_params):
     assert report["init"]["kind"] == "drn" and report["init"]["seconds"] > 0
     # DRN alone: zero iterations give the network's own field (an untrained net: about the identity)
     alone = tmp_path / "alone.txt"
-    alone.write_text("(NumberOfResolutions 1)\n(ImagePyramidSchedule 2 2 2)\n(MaximumNumberOfIterations 0)\n")
+    alone.write_text("(NumberOfResolutions 1)\n(ImagePyramidSchedule 2 2 2)\n(MaximumNumberOfIterations 0)\n"
+                     "(PreAlignment \"none\")\n")  # the network's field alone, no rigid step before it
     res = invoke("run", SRC, TGT, "-o", tmp_path / "alone", "-p", alone, "-q", "--init", model)
     assert res.exit_code == 0, res.output
     field, _ = io.read_displacement(tmp_path / "alone" / "field.nii.gz")

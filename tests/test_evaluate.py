@@ -194,9 +194,12 @@ def test_drn_methods_run_like_any_method(tmp_path):
     """drn:MODEL with 0 iterations is the DRN alone; with iterations, DRN + IO."""
     model = _tiny_model(tmp_path)
     io_only = tmp_path / "io.txt"
-    io_only.write_text("(NumberOfResolutions 1)\n(ImagePyramidSchedule 4 4 4)\n(MaximumNumberOfIterations 20)\n")
+    # No rigid step before the network: its (untrained) field alone is what the test reads.
+    io_only.write_text("(NumberOfResolutions 1)\n(ImagePyramidSchedule 4 4 4)\n(MaximumNumberOfIterations 20)\n"
+                       "(PreAlignment \"none\")\n")
     drn_only = tmp_path / "drn.txt"
-    drn_only.write_text("(NumberOfResolutions 1)\n(ImagePyramidSchedule 4 4 4)\n(MaximumNumberOfIterations 0)\n")
+    drn_only.write_text("(NumberOfResolutions 1)\n(ImagePyramidSchedule 4 4 4)\n(MaximumNumberOfIterations 0)\n"
+                        "(PreAlignment \"none\")\n")
     out = tmp_path / "ev"
     res = invoke("evaluate", SAMPLES / "manifest.csv", "-m", f"drn={drn_only},drn:{model}",
                  "-m", f"drn_io={io_only},drn:{model}", "-o", out, "-q")
@@ -395,8 +398,10 @@ def test_mask_exclude_lesion_masks_the_lesion_out_of_the_similarity(tmp_path, mo
 
 
 # ------------------------------------------------------------------------------ datasets as downloaded
-SHORT = '(NumberOfResolutions 1)\n(ImagePyramidSchedule 2 2 2)\n(Metric "MSE")\n(MaximumNumberOfIterations 5)\n'
-LONG = '(NumberOfResolutions 2)\n(ImagePyramidSchedule 4 4 4 2 2 2)\n(Metric "MSE")\n(MaximumNumberOfIterations 30 15)\n'
+# Deformable steps alone (no rigid pre-alignment): the toy layouts' shifts are what they must recover.
+SHORT = '(NumberOfResolutions 1)\n(ImagePyramidSchedule 2 2 2)\n(Metric "MSE")\n(MaximumNumberOfIterations 5)\n(PreAlignment "none")\n'
+LONG = ('(NumberOfResolutions 2)\n(ImagePyramidSchedule 4 4 4 2 2 2)\n(Metric "MSE")\n(MaximumNumberOfIterations 30 15)\n'
+        '(PreAlignment "none")\n')
 
 
 def _two_methods(folder):

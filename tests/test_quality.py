@@ -53,7 +53,7 @@ def test_register_reports_the_check_and_a_sane_run_passes_it():
     source, target = _pair()
     s = default_settings().replace(num_levels=2, pyramid_spacing=(4.0, 2.0), iterations=(60, 30),
                                    ncc_window_mm=(12.0, 8.0), learning_rate=(0.02, 0.01),
-                                   regularization_weight=(0.3, 0.1))
+                                   regularization_weight=(0.3, 0.1), pre_alignment="none")
     result = register(source, target, s)
     quality = result.report["quality"]
     assert quality["warnings"] == []
@@ -65,7 +65,8 @@ def test_register_warns_about_a_run_that_made_things_worse(caplog):
     source, target = _pair()
     # Far too large steps without regularisation: the field scrambles the image.
     s = default_settings().replace(num_levels=1, pyramid_spacing=(1.0,), iterations=(40,), learning_rate=(0.5,),
-                                   regularization_weight=(0.0,), metrics=("MSE",))
+                                   regularization_weight=(0.0,), metrics=("MSE",),
+                                   pre_alignment="none")
     with caplog.at_level("WARNING"):
         result = register(source, target, s)
     warnings = result.report["quality"]["warnings"]

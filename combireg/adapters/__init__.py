@@ -5,10 +5,13 @@ Each adapter registers a source to a target with another tool and returns an obj
 ``field_inverse.nii.gz``, ``warped_<k>.nii.gz``, ``params.txt``, ``report.json``), so that
 evaluation and benchmark tools treat every method alike.
 
-* :mod:`combireg.adapters.elastix`: B-spline registration with itk-elastix
+* :mod:`combireg.adapters.elastix`: itk-elastix's rigid -> affine -> B-spline chain
   (:func:`~combireg.adapters.elastix.register_elastix`).
-* :mod:`combireg.adapters.syn`: ITK's own SyN with neighbourhood cross-correlation
-  (:func:`~combireg.adapters.syn.register_syn`).
+* :mod:`combireg.adapters.syn`: an affine pre-alignment, then ITK's own SyN with neighbourhood
+  cross-correlation (:func:`~combireg.adapters.syn.register_syn`).
+
+Both are given what their users normally run (a rigid/affine stage first) and pyramid levels in
+millimetres, like combireg's own, so that comparisons stay fair on every grid.
 * :mod:`combireg.adapters.ants`: ``ants.registration`` from the optional package antspyx
   (:func:`~combireg.adapters.ants.register_ants`).
 """

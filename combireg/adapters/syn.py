@@ -10,7 +10,20 @@ the ANTs neighbourhood cross-correlation metric, the algorithm behind ANTs' ``Sy
 * ``warped_<k>.nii.gz``: every source channel warped into target space by combireg's warper;
 * ``params.txt``: the SyN settings, elastix-style ``(Key value ...)`` lines;
   ``combireg baseline syn SRC TGT -p params.txt`` reproduces the run;
-* ``report.json``: per-level iterations and metric values, times, memory, Jacobian statistics.
+* ``report.json``: the pre-alignment's matrix, per-level grids, iterations and metric values,
+  times, memory, Jacobian statistics.
+
+Rigid/affine first, levels in millimetres
+-----------------------------------------
+As ANTs users run ``antsRegistration`` (rigid + affine + SyN), an affine pre-alignment comes
+first by default (``PreAlignment "affine"``: :func:`combireg.preprocess.prealign`, elastix with a
+centre-of-gravity start, on 3 mm copies as ``combireg run``'s own pre-alignment); SyN then
+registers the source pulled back through that affine onto the target grid, and the written
+fields include the affine (:func:`combireg.warp.undo_prealignment`, as ``combireg run`` does).
+The pyramid levels are stated in millimetres (``ShrinkSpacing``, default 8 4 2 mm): each image
+is shrunk per axis by :func:`combireg.pyramid.shrink_factors` (never finer than itself along an
+axis), so a 2 mm image gets the same physical levels as a 1 mm one and a thick-slice axis is not
+shrunk further. ``ShrinkFactors`` states them in voxels instead (the same on every axis).
 
 How the multi-resolution schedule is run, and why
 -------------------------------------------------
@@ -43,8 +56,8 @@ composes the per-level fields the same way (so the output = the composition of e
 the test checks that ITK's own ``ResampleImageFilter`` with ``field.nii.gz`` reproduces
 ``warped_0`` and that a known displacement is recovered with its sign.
 
-Cost, and why the default stops at shrink 2
-------------------------------------------
+Cost, and why the default stops at 2 mm (shrink 2 on a 1 mm brain)
+------------------------------------------------------------------
 ANTs' neighbourhood-CC metric (evaluated twice per iteration, once per direction) and SyN's four
 field inversions per iteration dominate: about 1 s per iteration on a 49x58x49 grid on 2 cores,
 growing with the number of voxels. Defaults (shrink 8 4 2, at most 100 70 20 iterations, ANTs'
@@ -53,8 +66,9 @@ usual counts with the finest level dropped): 57 s on the 2 mm sample case (97x11
 1.00 mm, median 0.37 mm), both measured with another job loading the 2 cores. A full-resolution
 level on a 1 mm brain would cost about 8x the shrink-2 level per iteration (~15 min for 20
 iterations), hence the field is optimised on a half-resolution grid and up-sampled, as
-``combireg run``'s default does. ``--shrink 8,4,2,1 --iterations 100,70,50,20`` is ANTs' own
-brain schedule for whoever has the time.
+``combireg run``'s default does. ``--shrink-mm 8,4,2,1 --iterations 100,70,50,20`` is ANTs' own
+brain schedule (on a 1 mm brain) for whoever has the time. (These timings are of the SyN stage
+on shrink factors 8 4 2; the affine pre-alignment adds about a second.)
 
 Channels
 --------
@@ -80,6 +94,7 @@ from ..elastix_driver import PoolThreader, itk_image, itk_message
 from ..errors import CombiregError
 from ..geometry import Geometry
 from ..image import Image
+from ..pyramid import shrink_factors as mm_shrink_factors
 from .elastix import ImageLike
 from ..version import __version__
 from ..warp import sample_field_at
@@ -90,16 +105,27 @@ METHOD = "itk_syn"
 
 
 # ------------------------------------------------------------------------------ settings
+#: What ``PreAlignment`` may say.
+PRE_ALIGNMENTS = ("affine", "rigid", "none")
+#: Levels in mm when neither ``shrink_factors`` nor ``shrink_spacing`` is given.
+DEFAULT_SHRINK_SPACING_MM = (8.0, 4.0, 2.0)
+
+
 @dataclass(frozen=True)
 class SynSettings:
     """The settings of one SyN registration (ANTs' ``SyN[learning_rate, update, total]``).
 
     Attributes
     ----------
-    shrink_factors : tuple of int
-        Pyramid levels, coarsest first: the images are smoothed (sigma = factor / 2 voxels) and
-        shrunk by this factor along every axis. The last level need not be 1: the field is then
-        optimised on a coarser grid and up-sampled (as ``combireg run``'s default does).
+    shrink_factors : tuple of int or None
+        Pyramid levels in voxels, coarsest first: the images are smoothed (sigma = factor / 2
+        voxels) and shrunk by this factor along every axis. Give this or ``shrink_spacing``.
+    shrink_spacing : tuple of float or None
+        Pyramid levels in mm, coarsest first (default 8 4 2 when neither is given): along each
+        axis of each image the factor is max(1, mm / spacing) (:func:`combireg.pyramid.shrink_factors`),
+        then the level is smoothed and shrunk as above. The last level need not be the image's
+        own resolution: the field is then optimised on a coarser grid and up-sampled (as
+        ``combireg run``'s default does).
     iterations : tuple of int
         Maximum SyN iterations per level (a level may stop earlier on convergence).
     cc_radius : int
@@ -117,10 +143,14 @@ class SynSettings:
         ``convergence_window`` iterations falls below this (ITK's and ANTs' ``1e-6``).
     convergence_window : int
     metric_channel : int
-        Which channel pair (0-based) drives the registration; all channels are warped.
+        Which channel pair (0-based) drives the registration (and the pre-alignment); all
+        channels are warped.
+    pre_alignment : {"affine", "rigid", "none"}
+        The linear stage before SyN (:func:`combireg.preprocess.prealign` on the metric channel).
     """
 
-    shrink_factors: tuple[int, ...] = (8, 4, 2)
+    shrink_factors: tuple[int, ...] | None = None
+    shrink_spacing: tuple[float, ...] | None = None
     iterations: tuple[int, ...] = (100, 70, 20)
     cc_radius: int = 2
     learning_rate: float = 0.25
@@ -129,17 +159,29 @@ class SynSettings:
     convergence_threshold: float = 1e-6
     convergence_window: int = 10
     metric_channel: int = 0
+    pre_alignment: str = "affine"
 
     def __post_init__(self):
-        shrink = _int_tuple(self.shrink_factors, "shrink_factors", minimum=1)
+        if self.shrink_factors is not None and self.shrink_spacing is not None:
+            raise CombiregError("shrink_factors and shrink_spacing: give the levels in voxels or in mm, not both")
+        if self.shrink_factors is not None:
+            levels = _int_tuple(self.shrink_factors, "shrink_factors", minimum=1)
+            object.__setattr__(self, "shrink_factors", levels)
+            name = "shrink_factors"
+        else:
+            levels = _positive_tuple(DEFAULT_SHRINK_SPACING_MM if self.shrink_spacing is None else self.shrink_spacing,
+                                     "shrink_spacing")
+            object.__setattr__(self, "shrink_spacing", levels)
+            name = "shrink_spacing"
         iterations = _int_tuple(self.iterations, "iterations", minimum=0)
-        if not shrink:
-            raise CombiregError("shrink_factors: give at least one level")
-        if len(iterations) != len(shrink):
-            raise CombiregError(f"iterations: {len(iterations)} value(s) for {len(shrink)} level(s) "
-                                f"(shrink_factors {' '.join(map(str, shrink))}); give one per level")
-        object.__setattr__(self, "shrink_factors", shrink)
+        if not levels:
+            raise CombiregError(f"{name}: give at least one level")
+        if len(iterations) != len(levels):
+            raise CombiregError(f"iterations: {len(iterations)} value(s) for {len(levels)} level(s) "
+                                f"({name} {' '.join(_format_number(v) for v in levels)}); give one per level")
         object.__setattr__(self, "iterations", iterations)
+        if self.pre_alignment not in PRE_ALIGNMENTS:
+            raise CombiregError(f"pre_alignment: expected one of {', '.join(PRE_ALIGNMENTS)}, got {self.pre_alignment!r}")
         for name, minimum in (("cc_radius", 1), ("convergence_window", 2), ("metric_channel", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
@@ -157,27 +199,49 @@ class SynSettings:
                 raise CombiregError(f"{name}: expected a number >= 0, got {value!r}")
             object.__setattr__(self, name, float(value))
 
+    @property
+    def num_levels(self) -> int:
+        return len(self.iterations)
+
+    def level_factors(self, level: int, geometry: Geometry) -> tuple[float, float, float]:
+        """Shrink factors along x, y, z of ``geometry`` at ``level`` (voxels, or from the level's mm)."""
+        if self.shrink_factors is not None:
+            return (float(self.shrink_factors[level]),) * 3
+        return mm_shrink_factors(self.shrink_spacing[level], geometry)
+
+    def with_changes(self, **changes) -> "SynSettings":
+        """``dataclasses.replace``, where giving the levels one way clears the other."""
+        if changes.get("shrink_factors") is not None:
+            changes.setdefault("shrink_spacing", None)
+        if changes.get("shrink_spacing") is not None:
+            changes.setdefault("shrink_factors", None)
+        return dataclasses.replace(self, **changes)
+
     def to_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
                 for f in dataclasses.fields(self)}
 
     def to_parameter_map(self) -> dict[str, tuple[str, ...]]:
-        """The settings as elastix-style keys (what ``params.txt`` holds)."""
-        return {key: tuple(_format_number(v) for v in _as_values(getattr(self, name)))
-                for key, (name, _) in _KEYS.items()}
+        """The settings as elastix-style keys (what ``params.txt`` holds); unset levels are left out."""
+        return {key: tuple(_format_value(v) for v in _as_values(getattr(self, name)))
+                for key, (name, _) in _KEYS.items() if getattr(self, name) is not None}
 
     def to_text(self) -> str:
         """``params.txt``: a comment header, then one ``(Key value ...)`` line per setting."""
         lines = [f"// combireg {__version__}: ITK SyN settings of this run ({METHOD}).",
                  "// `combireg baseline syn SRC TGT -p params.txt` reproduces it.",
-                 "// Per level: images smoothed with sigma = factor/2 voxels, then shrunk; metric ANTs",
-                 "// neighbourhood cross-correlation on channel MetricChannel; variances in voxels^2."]
+                 "// PreAlignment first (elastix, on the metric channel); then per level: images smoothed",
+                 "// with sigma = factor/2 voxels, then shrunk (ShrinkSpacing: levels in mm, factors per axis;",
+                 "// ShrinkFactors: in voxels); metric ANTs neighbourhood cross-correlation on channel",
+                 "// MetricChannel; variances in voxels^2."]
         lines += [f"({key} {' '.join(values)})" for key, values in self.to_parameter_map().items()]
         return "\n".join(lines) + "\n"
 
 
 #: params.txt key -> (SynSettings field, per level?)
 _KEYS = {
+    "PreAlignment": ("pre_alignment", False),
+    "ShrinkSpacing": ("shrink_spacing", True),
     "ShrinkFactors": ("shrink_factors", True),
     "MaximumNumberOfIterations": ("iterations", True),
     "CCRadius": ("cc_radius", False),
@@ -189,19 +253,33 @@ _KEYS = {
     "MetricChannel": ("metric_channel", False),
 }
 _INT_FIELDS = {"shrink_factors", "iterations", "cc_radius", "convergence_window", "metric_channel"}
+_STR_FIELDS = {"pre_alignment"}
 
 
-def _int_tuple(values, name: str, *, minimum: int) -> tuple[int, ...]:
-    if isinstance(values, (int, np.integer)) and not isinstance(values, bool):
+def _number_tuple(values, name: str, *, integer: bool, minimum: float) -> tuple:
+    """``values`` (one number or a sequence) as a tuple of ints (``integer``: >= ``minimum``) or
+    of finite floats (> ``minimum``), else a :class:`CombiregError` naming ``name``."""
+    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    if isinstance(values, kinds) and not isinstance(values, bool):
         values = (values,)
+    what = "integers" if integer else "numbers"
     try:
         items = tuple(values)
     except TypeError:
-        raise CombiregError(f"{name}: expected a sequence of integers, got {values!r}") from None
+        raise CombiregError(f"{name}: expected a sequence of {what}, got {values!r}") from None
     for v in items:
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-            raise CombiregError(f"{name}: expected integers >= {minimum}, got {v!r}")
-    return tuple(int(v) for v in items)
+        if isinstance(v, bool) or not isinstance(v, kinds) or not np.isfinite(v) \
+                or (v < minimum if integer else v <= minimum):
+            raise CombiregError(f"{name}: expected {what} {'>=' if integer else '>'} {minimum}, got {v!r}")
+    return tuple(int(v) if integer else float(v) for v in items)
+
+
+def _int_tuple(values, name: str, *, minimum: int) -> tuple[int, ...]:
+    return _number_tuple(values, name, integer=True, minimum=minimum)
+
+
+def _positive_tuple(values, name: str) -> tuple[float, ...]:
+    return _number_tuple(values, name, integer=False, minimum=0)
 
 
 def _as_values(value) -> tuple:
@@ -210,6 +288,10 @@ def _as_values(value) -> tuple:
 
 def _format_number(value) -> str:
     return str(value) if isinstance(value, int) else repr(float(value))
+
+
+def _format_value(value) -> str:
+    return f'"{value}"' if isinstance(value, str) else _format_number(value)
 
 
 def settings_from_map(pm: Mapping[str, Sequence[str]], *, source: str = "<parameters>",
@@ -232,7 +314,7 @@ def settings_from_map(pm: Mapping[str, Sequence[str]], *, source: str = "<parame
             raise CombiregError(f"{where(key)}: {key} takes {'one or more values' if per_level else 'one value'}, "
                                 f"got {len(raw)}")
         try:
-            values = tuple(int(v) if name in _INT_FIELDS else float(v) for v in raw)
+            values = tuple(v if name in _STR_FIELDS else int(v) if name in _INT_FIELDS else float(v) for v in raw)
         except ValueError:
             kind = "integers" if name in _INT_FIELDS else "numbers"
             raise CombiregError(f"{where(key)}: {key} expects {kind}, got {' '.join(raw)}") from None
@@ -329,16 +411,28 @@ def _compose(first: np.ndarray, second: np.ndarray, geometry: Geometry) -> np.nd
     return first + sample_field_at(second, geometry, geometry, first)
 
 
-def _level_image(image: Image, k: int, factor: int):
-    """Channel ``k`` smoothed (sigma = factor / 2 voxels) and shrunk on its own grid, as ITK."""
+def _level_image(image: Image, k: int, factors: Sequence[float]):
+    """Channel ``k`` smoothed (sigma = factor / 2 voxels per axis) and shrunk on its own grid.
+
+    ``factors`` are per axis, x y z (a factor of 1 leaves an axis as it is).
+    """
     from ..optimize import level_image
 
-    geometry = image.geometry.shrink((factor,) * 3)
-    data = level_image(image.data[k:k + 1][None], (factor,) * 3, geometry.shape)[0]
+    factors = tuple(float(f) for f in factors)
+    geometry = image.geometry.shrink(factors)
+    data = level_image(image.data[k:k + 1][None], factors, geometry.shape)[0]
     return itk_image(Image(data, geometry).numpy()[0], geometry), geometry
 
 
-def _run_level(fixed, moving, settings: SynSettings, level: int, fixed_initial, moving_initial,
+def _level_label(settings: SynSettings, level: int, factors: Sequence[float]):
+    """How report.json and the callback name a level's shrink: the voxel factor as given, or the
+    per-axis factors (x y z) that the level's mm gave."""
+    if settings.shrink_factors is not None:
+        return settings.shrink_factors[level]
+    return [round(f, 4) for f in factors]
+
+
+def _run_level(fixed, moving, settings: SynSettings, level: int, shrink, fixed_initial, moving_initial,
                notify: Callable[[dict], None]) -> tuple[dict, dict]:
     """One single-level SyN run; returns its four middle fields (LPS mm arrays) and a report."""
     itk = _itk()
@@ -369,8 +463,7 @@ def _run_level(fixed, moving, settings: SynSettings, level: int, fixed_initial, 
         iteration = int(syn.GetCurrentIteration())
         if iteration > 0:
             values.append(float(syn.GetCurrentMetricValue()))
-            notify({"stage": "syn", "level": level, "shrink": settings.shrink_factors[level],
-                    "iteration": iteration, "metric": values[-1]})
+            notify({"stage": "syn", "level": level, "shrink": shrink, "iteration": iteration, "metric": values[-1]})
 
     syn.AddObserver(itk.IterationEvent(), on_iteration)
     start = time.perf_counter()
@@ -383,7 +476,7 @@ def _run_level(fixed, moving, settings: SynSettings, level: int, fixed_initial, 
               "middle_to_fixed": _field_array(f2m.GetInverseDisplacementField()),
               "moving_to_middle": _field_array(m2m.GetDisplacementField()),
               "middle_to_moving": _field_array(m2m.GetInverseDisplacementField())}
-    report = {"shrink": settings.shrink_factors[level],
+    report = {"shrink": shrink,
               "iterations": len(values),
               "max_iterations": settings.iterations[level],
               "converged": bool(syn.GetIsConverged()),
@@ -395,12 +488,21 @@ def _run_level(fixed, moving, settings: SynSettings, level: int, fixed_initial, 
 
 
 # ------------------------------------------------------------------------------ registration
+def _prealign(source: Image, target: Image, k: int, kind: str) -> np.ndarray:
+    """The pre-alignment matrix (target LPS mm -> source LPS mm) of channel ``k``, as ``combireg run``'s."""
+    from ..api import PREALIGNMENT_RESOLUTIONS, PREALIGNMENT_SPACING_MM
+    from ..preprocess import prealign
+
+    return prealign(Image(source.data[k:k + 1], source.geometry), Image(target.data[k:k + 1], target.geometry),
+                    kind=kind, working_spacing_mm=PREALIGNMENT_SPACING_MM, resolutions=PREALIGNMENT_RESOLUTIONS)
+
+
 def register_syn(source: ImageLike, target: ImageLike, *, settings: SynSettings | str | os.PathLike | None = None,
-                 shrink_factors: Sequence[int] | None = None, iterations: Sequence[int] | None = None,
-                 cc_radius: int | None = None, learning_rate: float | None = None,
-                 metric_channel: int | None = None,
-                 callback: Callable[[dict], None] | None = None) -> SynResult:
-    """Register ``source`` to ``target`` with ITK's SyN and neighbourhood cross-correlation.
+                 shrink_factors: Sequence[int] | None = None, shrink_spacing: Sequence[float] | None = None,
+                 iterations: Sequence[int] | None = None, cc_radius: int | None = None,
+                 learning_rate: float | None = None, metric_channel: int | None = None,
+                 pre_alignment: str | None = None, callback: Callable[[dict], None] | None = None) -> SynResult:
+    """Register ``source`` to ``target`` with an affine pre-alignment, then ITK's SyN and neighbourhood cross-correlation.
 
     Parameters
     ----------
@@ -409,13 +511,14 @@ def register_syn(source: ImageLike, target: ImageLike, *, settings: SynSettings 
         a grid; the two sides may lie on different grids: SyN works in world coordinates).
         The target is ITK's fixed image.
     settings : SynSettings, path to a SyN parameter file, or None
-        Defaults: :class:`SynSettings` (shrink 8 4 2, at most 100 70 20 iterations, CC radius 2,
-        step 0.25, update/total variances 3/0).
-    shrink_factors, iterations, cc_radius, learning_rate, metric_channel : optional
-        Override these fields of ``settings``.
+        Defaults: :class:`SynSettings` (affine pre-alignment, levels 8 4 2 mm, at most 100 70 20
+        iterations, CC radius 2, step 0.25, update/total variances 3/0).
+    shrink_factors, shrink_spacing, iterations, cc_radius, learning_rate, metric_channel, pre_alignment : optional
+        Override these fields of ``settings`` (levels given one way replace levels given the other).
     callback : callable, optional
         Receives ``{"stage": "syn", "level", "shrink", "iteration", "metric"}`` after every
-        iteration, and ``{"stage": name}`` when the stages ``"field"`` and ``"warp"`` start.
+        iteration, and ``{"stage": name}`` when the stages ``"pre_alignment"``, ``"field"`` and
+        ``"warp"`` start.
 
     Returns
     -------
@@ -425,7 +528,7 @@ def register_syn(source: ImageLike, target: ImageLike, *, settings: SynSettings 
     Raises
     ------
     CombiregError
-        Bad input or settings, or ITK failed (its message on one line).
+        Bad input or settings, or ITK or elastix failed (its message on one line).
     """
     itk = _itk()
     start = time.perf_counter()
@@ -434,14 +537,15 @@ def register_syn(source: ImageLike, target: ImageLike, *, settings: SynSettings 
         settings = SynSettings()
     elif not isinstance(settings, SynSettings):
         settings = read_syn_settings(settings)
-    overrides = {name: value for name, value in (("shrink_factors", shrink_factors), ("iterations", iterations),
-                                                 ("cc_radius", cc_radius), ("learning_rate", learning_rate),
-                                                 ("metric_channel", metric_channel)) if value is not None}
-    if "shrink_factors" in overrides and "iterations" not in overrides \
-            and len(tuple(overrides["shrink_factors"])) != len(settings.iterations):
-        raise CombiregError(f"{len(tuple(overrides['shrink_factors']))} shrink factor(s) but "
-                            f"{len(settings.iterations)} iteration count(s); give iterations per level too")
-    settings = dataclasses.replace(settings, **overrides)
+    overrides = {name: value for name, value in (("shrink_factors", shrink_factors), ("shrink_spacing", shrink_spacing),
+                                                 ("iterations", iterations), ("cc_radius", cc_radius),
+                                                 ("learning_rate", learning_rate), ("metric_channel", metric_channel),
+                                                 ("pre_alignment", pre_alignment)) if value is not None}
+    new_levels = overrides.get("shrink_factors", overrides.get("shrink_spacing"))
+    if new_levels is not None and "iterations" not in overrides and len(tuple(new_levels)) != settings.num_levels:
+        raise CombiregError(f"{len(tuple(new_levels))} pyramid level(s) but {settings.num_levels} iteration "
+                            f"count(s); give iterations per level too")
+    settings = settings.with_changes(**overrides)
     from ..api import as_image_pair
 
     source_img, target_img = as_image_pair(source, target)
@@ -451,14 +555,28 @@ def register_syn(source: ImageLike, target: ImageLike, *, settings: SynSettings 
         raise CombiregError(f"metric_channel {k} does not exist: the images have {channels} channel(s)")
     t_prep = time.perf_counter() - start
 
+    affine = None
+    moving_img = source_img
+    if settings.pre_alignment != "none":
+        notify({"stage": "pre_alignment"})
+        affine = _prealign(source_img, target_img, k, settings.pre_alignment)
+        # SyN registers the source pulled back through the affine onto the target grid.
+        from ..preprocess import warp_affine
+
+        moving_img = warp_affine(Image(source_img.data[k:k + 1], source_img.geometry), affine, target_img.geometry)
+    moving_k = 0 if affine is not None else k
+    t_pre = time.perf_counter() - start - t_prep
+
     # state: the four accumulated fields (LPS mm) on the current level's target grid
     state: dict[str, np.ndarray] | None = None
     grid: Geometry | None = None
     levels = []
     with PoolThreader() as threader:
-        for level, factor in enumerate(settings.shrink_factors):
-            fixed, level_grid = _level_image(target_img, k, factor)
-            moving, _ = _level_image(source_img, k, factor)
+        for level in range(settings.num_levels):
+            target_factors = settings.level_factors(level, target_img.geometry)
+            source_factors = settings.level_factors(level, moving_img.geometry)
+            fixed, level_grid = _level_image(target_img, k, target_factors)
+            moving, _ = _level_image(moving_img, moving_k, source_factors)
             fixed_initial = moving_initial = None
             if state is not None:
                 from ..warp import resample_field
@@ -468,7 +586,12 @@ def register_syn(source: ImageLike, target: ImageLike, *, settings: SynSettings 
                 fixed_initial = _field_transform(state["middle_to_fixed"], level_grid)
                 moving_initial = _field_transform(state["middle_to_moving"], level_grid)
             grid = level_grid
-            new, report = _run_level(fixed, moving, settings, level, fixed_initial, moving_initial, notify)
+            new, report = _run_level(fixed, moving, settings, level, _level_label(settings, level, target_factors),
+                                     fixed_initial, moving_initial, notify)
+            if settings.shrink_spacing is not None:
+                report["shrink_spacing_mm"] = settings.shrink_spacing[level]
+            report["target_factors_xyz"] = [round(f, 4) for f in target_factors]
+            report["source_factors_xyz"] = [round(f, 4) for f in source_factors]
             report["grid_size"] = list(level_grid.size)
             report["grid_spacing"] = [round(s, 6) for s in level_grid.spacing]
             levels.append(report)
@@ -480,32 +603,36 @@ def register_syn(source: ImageLike, target: ImageLike, *, settings: SynSettings 
                          "moving_to_middle": _compose(state["moving_to_middle"], new["moving_to_middle"], grid),
                          "middle_to_fixed": _compose(new["middle_to_fixed"], state["middle_to_fixed"], grid),
                          "middle_to_moving": _compose(new["middle_to_moving"], state["middle_to_moving"], grid)}
-    t_syn = time.perf_counter() - start - t_prep
+    t_syn = time.perf_counter() - start - t_prep - t_pre
 
     notify({"stage": "field"})
-    from ..warp import resample_field, warp_image
+    from ..warp import resample_field, undo_prealignment, warp_image
 
     # target x -> middle -> source, and source y -> middle -> target, as SyN's output transform
     u_grid = _compose(state["fixed_to_middle"], state["middle_to_moving"], grid)
     v_grid = _compose(state["moving_to_middle"], state["middle_to_fixed"], grid)
     del state
     u_mm = resample_field(u_grid, grid, target_img.geometry)
-    # v is a field over source points stored on the (target) virtual grid: resampling it in
-    # world coordinates puts it on the source grid (border values beyond the target's extent).
-    v_mm = resample_field(v_grid, grid, source_img.geometry)
-    t_field = time.perf_counter() - start - t_prep - t_syn
+    if affine is None:
+        # v is a field over source points stored on the (target) virtual grid: resampling it in
+        # world coordinates puts it on the source grid (border values beyond the target's extent).
+        v_mm = resample_field(v_grid, grid, source_img.geometry)
+    else:
+        # SyN's source was the source pulled back through A (see undo_prealignment).
+        u_mm, v_mm = undo_prealignment(affine, u_mm, target_img.geometry, v_grid, grid, source_img.geometry)
+    t_field = time.perf_counter() - start - t_prep - t_pre - t_syn
     notify({"stage": "warp"})
     warped = warp_image(source_img, target_img.geometry, u_mm)
     result = SynResult(u_mm, target_img.geometry, v_mm, source_img.geometry, warped, settings)
     total = time.perf_counter() - start
-    result.report = _report(result, source_img, target_img, levels, threader.name, itk,
-                            {"preparation": t_prep, "syn": t_syn, "field": t_field,
-                             "warp": total - t_prep - t_syn - t_field, "total": total})
+    result.report = _report(result, source_img, target_img, levels, threader.name, itk, affine,
+                            {"preparation": t_prep, "pre_alignment": t_pre, "syn": t_syn, "field": t_field,
+                             "warp": total - t_prep - t_pre - t_syn - t_field, "total": total})
     return result
 
 
 def _report(result: SynResult, source: Image, target: Image, levels: list, threader: str, itk,
-            seconds: dict) -> dict:
+            affine: np.ndarray | None, seconds: dict) -> dict:
     from ..warp import field_statistics
 
     # |u(x) + v(x + u(x))|: how well the written inverse undoes the forward field (mm)
@@ -524,7 +651,10 @@ def _report(result: SynResult, source: Image, target: Image, levels: list, threa
         "metric_channel": result.settings.metric_channel,
         "channels_note": ("ITK's SyN takes one metric (no multi-metric in ITK's Python wheels): channel "
                           f"{result.settings.metric_channel} drives the registration, all channels are warped"),
-        "inverse": "SyN's own inverse (composition of the inverse middle fields), resampled onto the source grid",
+        "pre_alignment": {"kind": result.settings.pre_alignment,
+                          "affine_target_to_source_lps_mm": None if affine is None else affine.tolist()},
+        "inverse": "SyN's own inverse (composition of the inverse middle fields), resampled onto the source grid"
+                   + ("" if affine is None else ", composed with the pre-alignment's inverse"),
         "target": {"channels": target.num_channels, **target.geometry.to_dict()},
         "source": {"channels": source.num_channels, **source.geometry.to_dict()},
         "levels": levels,
