@@ -84,11 +84,12 @@ def self_check(source: torch.Tensor, target: torch.Tensor, forward: torch.Tensor
     warnings = []
     if final < start_value - TOLERANCE:
         warnings.append(f"the result looks worse than the {start_name}: local structural similarity {final:.4f} "
-                        f"after against {start_value:.4f} before (check the metric, e.g. MSE across sequences, and "
+                        f"after against {start_value:.4f} before (check the metric, e.g. MSE alone across sequences, and "
                         f"the regularisation)")
     if folding_percent > MAX_FOLDING_PERCENT:
         warnings.append(f"the forward field folds {folding_percent:.2f} % of the target voxels (Jacobian "
-                        f"determinant <= 0; more than {MAX_FOLDING_PERCENT} %): raise RegularizationWeight")
+                        f"determinant <= 0; more than {MAX_FOLDING_PERCENT} %): raise RegularizationWeight, or use "
+                        f'(Transform "Diffeomorphic") (params/diffeomorphic.txt), which cannot fold')
     return {"similarity": {"metric": f"mean local cc^2, {CHECK_WINDOW}-voxel windows on the finest level",
                            "start": round(start_value, 6), "final": round(final, 6), "start_is": start_name},
             "folding_percent": round(float(folding_percent), 6), "warnings": warnings}

@@ -456,7 +456,7 @@ def test_replace_refits_levels_and_weights():
 
 
 @pytest.mark.parametrize("name", ["default.txt", "paper_io.txt", "mse.txt", "ncc.txt", "mi.txt", "drn_io.txt",
-                                  "drn_only.txt"])
+                                  "drn_only.txt", "diffeomorphic.txt"])
 def test_presets_parse_and_start_with_a_header(name):
     path = PRESETS / name
     text = path.read_text(encoding="utf-8")
@@ -464,6 +464,10 @@ def test_presets_parse_and_start_with_a_header(name):
     s = load_settings(path)
     assert s.source == str(path)
     assert settings_from_map(s.to_parameter_map()) == s
+
+
+def test_diffeomorphic_preset_is_the_default_with_a_velocity_field():
+    assert load_settings(PRESETS / "diffeomorphic.txt") == default_settings().replace(transform="Diffeomorphic")
 
 
 def test_default_preset_equals_defaults():
