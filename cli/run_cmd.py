@@ -44,6 +44,10 @@ def _load_landmarks(source: list[str], target: list[str], target_landmarks: str 
               help="Binary mask on the target's grid (brain/region): only voxels inside count in the similarity.")
 @click.option("--source-mask", type=click.Path(dir_okay=False), default=None,
               help="Binary mask on the source's grid, carried along by the field.")
+@click.option("--outputs", "outputs", default="all", show_default=True, metavar="KINDS",
+              help="Image outputs to compute and write, comma-separated: field, inverse, warped (or all). "
+                   "params.txt and report.json are always written; a kind left out is not computed either "
+                   "(no numerical inverse without 'inverse', no warping without 'warped').")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--target-landmarks", type=click.Path(dir_okay=False), default=None,
               help="Landmarks on the target (.fcsv, .mrk.json, .csv, elastix points): TRE before/after is "
@@ -55,21 +59,23 @@ def _load_landmarks(source: list[str], target: list[str], target_landmarks: str 
                    "(voxel indices of the first channel of their side).")
 def run(source: str, target: str, output: str, params: str | None, init: str | None, device: str,
         overwrite: bool, max_memory_gb: float | None, target_mask: str | None, source_mask: str | None,
-        quiet: bool, target_landmarks: str | None,
+        outputs: str, quiet: bool, target_landmarks: str | None,
         source_landmarks: str | None, landmark_space: str | None) -> None:
     """Register SOURCE to TARGET (each one image or comma-separated channel files).
 
     Writes field.nii.gz (target grid, LPS mm, target x -> source x + u(x)),
-    field_inverse.nii.gz (source grid), warped_<k>.nii.gz, params.txt and report.json.
+    field_inverse.nii.gz (source grid), warped_<k>.nii.gz, params.txt and report.json
+    (--outputs chooses among the first three).
     With --target-landmarks/--source-landmarks the TRE before and after is reported too.
     """
     from tqdm import tqdm
 
     from combireg.api import register
     from combireg.device import resolve_device
-    from combireg.outputs import prepare_output_dir
+    from combireg.outputs import OutputWriter, output_kinds, prepare_output_dir
     from combireg.params import load_settings
 
+    kinds = output_kinds(outputs)  # an unknown kind: one line before any work
     settings = load_settings(params)
     device = str(resolve_device(device))  # auto -> cuda or cpu (logged); cuda without a GPU: one line
     outdir = prepare_output_dir(output, overwrite=overwrite)
@@ -87,20 +93,23 @@ def run(source: str, target: str, output: str, params: str | None, init: str | N
         bar.set_description(f"level {event['level'] + 1}/{event['levels']}")
         bar.set_postfix(loss=f"{event['loss']:.4f}", refresh=False)
 
-    try:
-        result = register(source_in, target_in, settings, init=init,
-                          device=device, callback=progress, target_mask=target_mask, source_mask=source_mask,
-                          max_memory_bytes=None if max_memory_gb is None else int(max_memory_gb * 2**30))
-    finally:
-        bar.close()
-    tre = None
-    if landmarks is not None:
-        from combireg.landmarks import compute_tre
+    # The files are written as the run produces them (the folder appears whole at the end).
+    with OutputWriter(outdir, overwrite=overwrite, outputs=kinds) as writer:
+        try:
+            result = register(source_in, target_in, settings, init=init,
+                              device=device, callback=progress, target_mask=target_mask, source_mask=source_mask,
+                              max_memory_bytes=None if max_memory_gb is None else int(max_memory_gb * 2**30),
+                              outputs=kinds, writer=writer)
+        finally:
+            bar.close()
+        tre = None
+        if landmarks is not None:
+            from combireg.landmarks import compute_tre
 
-        tre = compute_tre(result.displacement_lps_mm, result.target_geometry, *landmarks)
-        result.report["tre"] = {"target_landmarks": target_landmarks, "source_landmarks": source_landmarks,
-                                **tre.to_dict()}
-    result.save(outdir, overwrite=overwrite)
+            tre = compute_tre(result.displacement_lps_mm, result.target_geometry, *landmarks)
+            result.report["tre"] = {"target_landmarks": target_landmarks, "source_landmarks": source_landmarks,
+                                    **tre.to_dict()}
+        writer.finish(result.params_text(), result.report)
     echo_registration(result.report)
     if tre is not None:
         st = tre.statistics

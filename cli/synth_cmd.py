@@ -4,10 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from tqdm import tqdm
-
-from combireg.outputs import prepare_output_dir
-from combireg.synth import generate_dataset
 
 
 @click.command("synth")
@@ -33,6 +29,13 @@ def synth(out_dir: Path, cases: int, seed: int, spacing: float, tissue_points: i
     random tissue points) with exact ground truth. The template is downloaded once with pip
     (autoafids==0.1.4).
     """
+    # Why here: combireg.synth imports scipy.ndimage (~0.2 s), which every other command,
+    # `combireg run` included, would pay at start-up.
+    from tqdm import tqdm
+
+    from combireg.outputs import prepare_output_dir
+    from combireg.synth import generate_dataset
+
     prepare_output_dir(out_dir, overwrite=overwrite)  # before the progress bar appears
     with tqdm(total=cases, desc="synth", unit="case", disable=None) as bar:  # no bar off a terminal
         manifest = generate_dataset(

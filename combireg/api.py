@@ -17,7 +17,7 @@ import torch
 from .errors import CombiregError
 from .geometry import Geometry
 from .image import Image
-from .outputs import CORRESPONDENCE_WEIGHT_NAME, write_outputs
+from .outputs import CORRESPONDENCE_WEIGHT_NAME, OutputWriter, output_kinds, write_outputs
 from .optimize import FieldPair, level_image, normalise_intensities, optimise_fields
 from .paramfile import ParamMap
 from .params import Settings, format_parameter_map, load_settings, settings_from_map
@@ -26,13 +26,14 @@ from .quality import self_check
 from .version import __version__
 from .warp import (
     affine_displacement,
+    compose_affine,
     field_statistics,
     invert_normalised,
     lps_mm_to_normalised,
     normalised_to_lps_mm,
     resample_field,
     resample_image,
-    undo_prealignment,
+    undo_prealignment_inverse,
     upsample_normalised,
     warp_image,
 )
@@ -52,11 +53,13 @@ class Result:
     displacement_lps_mm : ndarray, (Z, Y, X, 3)
         Forward field on the target grid: target point x maps to source point x + u(x).
     target_geometry : Geometry
-    inverse_displacement_lps_mm : ndarray, (Z', Y', X', 3)
-        Backward field on the source grid: source point y maps to target point y + v(y).
+    inverse_displacement_lps_mm : ndarray, (Z', Y', X', 3), or None
+        Backward field on the source grid: source point y maps to target point y + v(y); None
+        when ``register(..., outputs=...)`` did not ask for ``"inverse"``.
     source_geometry : Geometry
-    warped : Image
-        Source channels warped into target space, original intensities.
+    warped : Image or None
+        Source channels warped into target space, original intensities; None when ``outputs``
+        did not ask for ``"warped"``.
     settings : Settings
     report : dict
     correspondence_weight : Image or None
@@ -67,17 +70,21 @@ class Result:
 
     displacement_lps_mm: np.ndarray
     target_geometry: Geometry
-    inverse_displacement_lps_mm: np.ndarray
+    inverse_displacement_lps_mm: np.ndarray | None
     source_geometry: Geometry
-    warped: Image
+    warped: Image | None
     settings: Settings
     report: dict = field(default_factory=dict)
     correspondence_weight: Image | None = None
 
     def save(self, outdir: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write every output into ``outdir`` atomically (temporary folder beside it, then rename)."""
-        params_text = _params_header(self.settings) + format_parameter_map(self.settings.to_parameter_map())
-        return write_outputs(outdir, self, params_text, overwrite=overwrite)
+        """Write every output it holds into ``outdir`` atomically (temporary folder beside it, then rename)."""
+        return write_outputs(outdir, self, self.params_text(), overwrite=overwrite,
+                             outputs=self.report.get("outputs"))
+
+    def params_text(self) -> str:
+        """The fully resolved parameter file of this run (``params.txt``)."""
+        return _params_header(self.settings) + format_parameter_map(self.settings.to_parameter_map())
 
 
 def _params_header(settings: Settings) -> str:
@@ -306,7 +313,7 @@ def _prepare(source: Image, target: Image, source_mask: Image | None, target_mas
 def register(source: ImageLike, target: ImageLike, params: Settings | ParamMap | str | os.PathLike | None = None,
              init=None, *, device: str = "cpu", callback: Callable[[dict], None] | None = None,
              max_memory_bytes: int | None = None, target_mask: MaskLike = None,
-             source_mask: MaskLike = None) -> Result:
+             source_mask: MaskLike = None, outputs=None, writer: OutputWriter | None = None) -> Result:
     """Register ``source`` to ``target`` by instance optimisation of the paper's loss.
 
     Parameters
@@ -333,6 +340,17 @@ def register(source: ImageLike, target: ImageLike, params: Settings | ParamMap |
         Binary masks on the grid of their image (brain or region of interest): only voxels
         inside both (the source's carried along by the field) count in the similarity. Used by
         the pre-alignment too.
+    outputs : None, str or sequence of str
+        The image outputs to compute (:data:`combireg.outputs.OUTPUT_KINDS`: ``"field"``,
+        ``"inverse"``, ``"warped"``; default all). Without ``"inverse"`` (and without
+        ``Bidirectional``) the numerical inverse is not computed and
+        ``Result.inverse_displacement_lps_mm`` is None; without ``"warped"`` ``Result.warped`` is
+        None. The forward field is always computed (the report's Jacobian and the TRE need it);
+        :meth:`Result.save` writes the kinds asked for (``report["outputs"]``).
+    writer : OutputWriter, optional
+        An open :class:`combireg.outputs.OutputWriter`: each output file is handed to it as soon
+        as it is computed, so the files are written while the run finishes (the caller then
+        calls ``writer.finish(result.params_text(), result.report)``).
 
     Preprocessing follows the settings' ``BiasFieldCorrection`` (N4), ``PreAlignment``
     (rigid/affine with itk-elastix, composed into the result's fields), ``WorkingOrientation``
@@ -350,6 +368,7 @@ def register(source: ImageLike, target: ImageLike, params: Settings | ParamMap |
     """
     start = time.perf_counter()
     settings = _as_settings(params)
+    kinds = output_kinds(outputs)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CombiregError("--device cuda requested but no CUDA device is available")
     source_img, target_img = as_image_pair(source, target)
@@ -391,12 +410,13 @@ def register(source: ImageLike, target: ImageLike, params: Settings | ParamMap |
 
     fields = optimise_fields(prepared.source, prepared.target, prepared.geometry, settings,
                              init_forward=init_f, init_backward=init_b, target_mask=prepared.target_mask,
-                             source_mask=prepared.source_mask, callback=callback)
+                             source_mask=prepared.source_mask, callback=callback, inverse="inverse" in kinds)
     t_opt = time.perf_counter() - start - t_prep
-    result = _finish(fields, source_img, target_img, prepared, settings)
+    result = _finish(fields, source_img, target_img, prepared, settings, kinds, writer)
     seconds = {**prepared.seconds, "preparation": t_prep, "optimisation": t_opt,
                "total": time.perf_counter() - start}
     result.report = _report(result, fields, settings, device, source_img, target_img, seconds)
+    result.report["outputs"] = list(kinds)
     result.report["preprocessing"] = prepared.notes
     result.report["init"] = init_note
     if settings.metric_weighting != "fixed":
@@ -415,10 +435,13 @@ def register(source: ImageLike, target: ImageLike, params: Settings | ParamMap |
 
 def _self_check(fields: FieldPair, prepared: "_Prepared", report: dict, start, start_name: str) -> dict:
     """The do-no-harm check (:func:`combireg.quality.self_check`) on the finest level's grid."""
-    shape = fields.geometry.shape
-    factors = [max(1.0, b / a) for a, b in zip(prepared.geometry.spacing, fields.geometry.spacing)]
-    source = level_image(prepared.source, factors, shape)
-    target = level_image(prepared.target, factors, shape)
+    if fields.level_images is not None:
+        source, target = fields.level_images  # what the last level was optimised on
+    else:
+        shape = fields.geometry.shape
+        factors = [max(1.0, b / a) for a, b in zip(prepared.geometry.spacing, fields.geometry.spacing)]
+        source = level_image(prepared.source, factors, shape)
+        target = level_image(prepared.target, factors, shape)
     return self_check(source, target, fields.forward, report["jacobian"]["percent_nonpositive"], start=start,
                       start_name=start_name)
 
@@ -433,27 +456,42 @@ def _correspondence_summary(weight: Image, info: dict | None) -> dict:
             "capped": bool(info["capped"]) if info else False}
 
 
-def _finish(fields: FieldPair, source: Image, target: Image, prepared: _Prepared, settings: Settings) -> Result:
-    """Fields in LPS mm on the target grid (forward) and the source grid (inverse), and the warp."""
+def _finish(fields: FieldPair, source: Image, target: Image, prepared: _Prepared, settings: Settings,
+            kinds: tuple = ("field", "inverse", "warped"), writer: OutputWriter | None = None) -> Result:
+    """Fields in LPS mm on the target grid (forward) and the source grid (inverse), and the warp
+    (the inverse and the warp only where ``kinds`` asks for them), each handed to ``writer`` as
+    soon as it is ready (the warped images first after the field: they take longest to write)."""
     work = prepared.geometry
     u_work = normalised_to_lps_mm(upsample_normalised(fields.forward, work.shape), work)
-    w_work = normalised_to_lps_mm(upsample_normalised(fields.backward, work.shape), work)
     u_mm = resample_field(u_work, work, target.geometry)
-    if prepared.affine is None:
-        # The backward field was optimised in target space; its points are world points, so
-        # putting it on the source grid is a plain world-coordinate resampling of the vectors.
-        v_mm = resample_field(w_work, work, source.geometry)
-    else:
+    if prepared.affine is not None:
         # Optimised space = target space with the source pulled back through A (see
         # undo_prealignment: forward x -> A(x + u(x)), backward s -> A^-1 s + w(A^-1 s)).
-        u_mm, v_mm = undo_prealignment(prepared.affine, u_mm, target.geometry, w_work, work, source.geometry)
-    warped = warp_image(source, target.geometry, u_mm)
+        u_mm = compose_affine(prepared.affine, u_mm, target.geometry)
+    if writer is not None:
+        writer.field(u_mm, target.geometry)
+    warped = warp_image(source, target.geometry, u_mm) if "warped" in kinds else None
+    if writer is not None:
+        writer.warped(warped)
+    v_mm = None
+    if "inverse" in kinds and fields.backward is not None:
+        w_work = normalised_to_lps_mm(upsample_normalised(fields.backward, work.shape), work)
+        if prepared.affine is None:
+            # The backward field was optimised in target space; its points are world points, so
+            # putting it on the source grid is a plain world-coordinate resampling of the vectors.
+            v_mm = resample_field(w_work, work, source.geometry)
+        else:
+            v_mm = undo_prealignment_inverse(prepared.affine, w_work, work, source.geometry)
+        if writer is not None:
+            writer.inverse(v_mm, source.geometry)
     weight = None
     if fields.correspondence_weight is not None:
         # Like the fields: up to the working grid, then onto the target grid in world coordinates.
         on_work = Image(upsample_normalised(fields.correspondence_weight.cpu(), work.shape)[0], work)
         weight = resample_image(on_work, target.geometry, padding_mode="border")
         weight = Image(weight.data.clamp(0.0, 1.0), target.geometry)
+        if writer is not None:
+            writer.correspondence_weight(weight)
     return Result(u_mm, target.geometry, v_mm, source.geometry, warped, settings, correspondence_weight=weight)
 
 

@@ -56,7 +56,16 @@ def local_ncc(warped: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | N
 
 def _local_cc2(warped, target, mean_t, var_t, window):
     c = warped.shape[1]
-    moments = box_filter(torch.cat([warped, warped * warped, warped * target], dim=1), window)
+    if torch.is_grad_enabled() and (warped.requires_grad or target.requires_grad):
+        stacked = torch.cat([warped, warped * warped, warped * target], dim=1)  # autograd through it
+    else:
+        # The three moment images straight into one buffer, as torch.cat lays them out (without
+        # the temporaries and the copy; bit-identical).
+        stacked = warped.new_empty((warped.shape[0], 3 * c) + tuple(warped.shape[2:]))
+        stacked[:, :c].copy_(warped)
+        torch.mul(warped, warped, out=stacked[:, c:2 * c])
+        torch.mul(warped, target, out=stacked[:, 2 * c:])
+    moments = box_filter(stacked, window)
     mean_w, mean_ww, mean_wt = moments[:, :c], moments[:, c : 2 * c], moments[:, 2 * c :]
     cov = mean_wt - mean_w * mean_t
     var_w = (mean_ww - mean_w * mean_w).clamp_min(0)
@@ -97,11 +106,13 @@ class _LocalNCC(torch.autograd.Function):
             scale = -grad_output / cov.numel()
         else:
             scale = -grad_output * weight / ctx.total_weight
-        g_wt = scale * 2.0 * cov / denom
-        g_ww = -scale * cov * cov * var_t / (denom * denom)
-        g_w = -mean_t * g_wt - 2.0 * mean_w * g_ww
         c = warped.shape[1]
-        back = box_filter(torch.cat([g_w, g_ww, g_wt], dim=1), ctx.window, transpose=True)
+        stacked = warped.new_empty((warped.shape[0], 3 * c) + tuple(warped.shape[2:]))
+        g_w, g_ww, g_wt = stacked[:, :c], stacked[:, c:2 * c], stacked[:, 2 * c:]
+        torch.div(scale * 2.0 * cov, denom, out=g_wt)
+        torch.div(-scale * cov * cov * var_t, denom * denom, out=g_ww)
+        torch.sub(-mean_t * g_wt, 2.0 * mean_w * g_ww, out=g_w)
+        back = box_filter(stacked, ctx.window, transpose=True)
         grad = back[:, :c] + 2.0 * warped * back[:, c : 2 * c] + target * back[:, 2 * c :]
         return grad, None, None, None, None, None
 
@@ -332,26 +343,25 @@ class _GradientRegulariser(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, displacement, scale):
-        ctx.save_for_backward(displacement, scale)
+        # The gradient is built here from the same differences as the value (one torch.diff per
+        # axis instead of two), with the operations the backward pass used, so it is bit-identical.
         total = displacement.new_zeros(())
+        grad = torch.zeros_like(displacement) if ctx.needs_input_grad[0] else None
         for axis, dim in enumerate(_AXIS_DIMS):
             diff = torch.diff(displacement, dim=dim)
             weights = (scale[axis] ** 2).view(1, 3, 1, 1, 1) * (3.0 / max(diff.numel(), 1))
             total = total + (diff * diff * weights).sum()
+            n = displacement.shape[dim]
+            if grad is None or n < 2:
+                continue
+            diff = diff * ((scale[axis] ** 2).view(1, 3, 1, 1, 1) * (6.0 / diff.numel()))
+            # d/du of sum(w * (u[i+1] - u[i])^2) = 2w (d[i-1] - d[i]) with d[-1] = d[n-1] = 0
+            grad.narrow(dim, 1, n - 1).add_(diff)
+            grad.narrow(dim, 0, n - 1).sub_(diff)
+        ctx.save_for_backward(grad)
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        displacement, scale = ctx.saved_tensors
-        grad = torch.zeros_like(displacement)
-        for axis, dim in enumerate(_AXIS_DIMS):
-            n = displacement.shape[dim]
-            if n < 2:
-                continue
-            diff = torch.diff(displacement, dim=dim)
-            numel = diff.numel()
-            diff = diff * ((scale[axis] ** 2).view(1, 3, 1, 1, 1) * (6.0 / numel))
-            # d/du of sum(w * (u[i+1] - u[i])^2) = 2w (d[i-1] - d[i]) with d[-1] = d[n-1] = 0
-            grad.narrow(dim, 1, n - 1).add_(diff)
-            grad.narrow(dim, 0, n - 1).sub_(diff)
+        grad, = ctx.saved_tensors
         return grad * grad_output, None

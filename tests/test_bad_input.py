@@ -93,6 +93,7 @@ SCENARIOS = {
     "not-empty": lambda t, d: _run(t, d),
     "not-writable": lambda t, d: ["run", d["ok"], d["ok2"], "-o", "/proc/combireg-test-out", "-q"],
     "memory": lambda t, d: _run(t, d, None, None, "--max-memory", "0.0001"),
+    "outputs": lambda t, d: _run(t, d, None, None, "--outputs", "field,warp"),
     "apply-field": lambda t, d: _apply(t, d["ok"], d["oblique"]),
     "apply-overlap": lambda t, d: _apply(t, d["field"], d["far"]),
     "apply-format": lambda t, d: _apply(t, d["field"], d["png"]),

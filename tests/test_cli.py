@@ -70,6 +70,37 @@ def test_params_file_of_a_run_reproduces_it(tmp_path, fast_params):
     np.testing.assert_array_equal(fa, fb)
 
 
+def test_run_outputs_writes_exactly_the_kinds_asked_for(tmp_path, fast_params):
+    """--outputs: the kinds named (and params.txt, report.json), the same field as a full run;
+    the kinds left out are not computed (Result holds None)."""
+    full = tmp_path / "full"
+    assert invoke("run", SRC, TGT, "-o", full, "-p", fast_params, "-q").exit_code == 0
+    assert json.loads((full / "report.json").read_text())["outputs"] == ["field", "inverse", "warped"]
+    expected = {"field": ["field.nii.gz"], "inverse": ["field_inverse.nii.gz"],
+                "warped": ["warped_0.nii.gz", "warped_1.nii.gz"]}
+    for asked in ("field", "warped,inverse", "inverse", "all"):
+        out = tmp_path / asked.replace(",", "_")
+        res = invoke("run", SRC, TGT, "-o", out, "-p", fast_params, "-q", "--outputs", asked)
+        assert res.exit_code == 0, res.output
+        kinds = ["field", "inverse", "warped"] if asked == "all" else [k for k in expected if k in asked.split(",")]
+        names = sorted(p.name for p in out.iterdir())
+        assert names == sorted(["params.txt", "report.json"] + [n for k in kinds for n in expected[k]])
+        report = json.loads((out / "report.json").read_text())
+        assert report["outputs"] == kinds and report["jacobian"] == json.loads((full / "report.json").read_text())["jacobian"]
+        for name in names:
+            if name.endswith(".nii.gz"):  # what is written equals the full run's file
+                read = io.read_displacement if name.startswith("field") else io.read_array
+                np.testing.assert_array_equal(read(out / name)[0], read(full / name)[0])
+
+    from combireg import register
+
+    result = register(SRC, TGT, fast_params, outputs="field")
+    assert result.inverse_displacement_lps_mm is None and result.warped is None
+    assert result.report["outputs"] == ["field"]
+    saved = result.save(tmp_path / "api")
+    assert sorted(p.name for p in saved.iterdir()) == ["field.nii.gz", "params.txt", "report.json"]
+
+
 def _write(path, array, geometry):
     io.write_image(path, array, geometry)
     return str(path)

@@ -424,3 +424,22 @@ def test_landmarks_outside_the_target_grid_do_not_sink_a_run(tmp_path, caplog):
     assert "3 of 131 target landmark(s) lie outside" in caplog.text
     tre = invoke("tre", out / "field.nii.gz", target, CASE / "source_landmarks.fcsv", "-q")
     assert tre.exit_code == 0 and "3 target landmark(s) outside the field's grid" in tre.output
+
+
+def test_sample_displacement_equals_scipy_linear_nearest(oblique_geometry):
+    """The eight-corner gather is scipy's map_coordinates(order=1, mode="nearest"), points
+    outside the grid (edge values) and a one-voxel axis included."""
+    from scipy.ndimage import map_coordinates
+
+    from combireg.landmarks import sample_displacement
+
+    rng = np.random.default_rng(0)
+    flat = Geometry((7, 6, 1), origin=(1.0, 2.0, 3.0), spacing=(1.0, 1.5, 2.0))
+    for geometry in (oblique_geometry, flat):
+        field = rng.normal(size=geometry.shape + (3,)).astype(np.float32)
+        index = rng.uniform(-3.0, 3.0, size=(400, 3)) \
+            + rng.uniform(0, 1, size=(400, 3)) * (np.asarray(geometry.size) - 1)
+        points = geometry.index_to_world(index)
+        coords = geometry.world_to_index(points)[:, ::-1].T
+        reference = np.stack([map_coordinates(field[..., c], coords, order=1, mode="nearest") for c in range(3)], -1)
+        np.testing.assert_allclose(sample_displacement(field, geometry, points), reference, rtol=0, atol=1e-6)
