@@ -442,8 +442,16 @@ def _self_check(fields: FieldPair, prepared: "_Prepared", report: dict, start, s
         factors = [max(1.0, b / a) for a, b in zip(prepared.geometry.spacing, fields.geometry.spacing)]
         source = level_image(prepared.source, factors, shape)
         target = level_image(prepared.target, factors, shape)
-    return self_check(source, target, fields.forward, report["jacobian"]["percent_nonpositive"], start=start,
-                      start_name=start_name)
+    folding = report["jacobian"]["percent_nonpositive"]
+    check = self_check(source, target, fields.forward, folding, start=start, start_name=start_name)
+    if start is not None:
+        # An initial field (a DRN's above all) can be worse than no initial field at all: the
+        # result is also held against the plain start, so a harmful initialisation is reported.
+        plain_name = "pre-alignment" if prepared.affine is not None else "identity"
+        plain = self_check(source, target, fields.forward, folding, start_name=f"{plain_name} (without the initial field)")
+        check["similarity"]["without_initial_field"] = plain["similarity"]["start"]
+        check["warnings"] += [w for w in plain["warnings"] if w.startswith("the result looks worse")]
+    return check
 
 
 def _correspondence_summary(weight: Image, info: dict | None) -> dict:

@@ -73,3 +73,24 @@ def test_register_warns_about_a_run_that_made_things_worse(caplog):
     assert any("worse than the identity" in w for w in warnings)
     assert any("worse than the identity" in r.getMessage() for r in caplog.records)
     assert np.isfinite(result.report["quality"]["similarity"]["final"])
+
+
+def test_a_harmful_initial_field_is_reported_against_the_plain_start(caplog):
+    """An initialisation (a DRN's, a field) that leaves the result worse than no initialisation
+    at all gets a warning, even when the optimisation improved on the initialisation itself."""
+    source, target = _pair()
+    geometry = target.geometry
+    # a smooth, large, wrong field: 6 mm along the first world axis, varying across the image
+    x = geometry.world_grid()
+    wrong = np.zeros(x.shape, np.float32)
+    wrong[..., 0] = 6.0 * np.sin(2 * np.pi * (x[..., 1] - x[..., 1].min()) / 40.0)
+    s = default_settings().replace(num_levels=1, pyramid_spacing=(2.0,), iterations=(0,), pre_alignment="none")
+    with caplog.at_level("WARNING"):
+        result = register(source, target, s, init=(wrong, geometry))
+    quality = result.report["quality"]
+    assert quality["similarity"]["start_is"] == "initial field"
+    assert quality["similarity"]["without_initial_field"] > quality["similarity"]["final"]
+    assert any("worse than the identity (without the initial field)" in w for w in quality["warnings"])
+    # a good initial field (here: none needed, the zero field) raises nothing
+    calm = register(source, target, s, init=(np.zeros_like(wrong), geometry))
+    assert calm.report["quality"]["warnings"] == []
