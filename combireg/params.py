@@ -100,7 +100,7 @@ SCHEMA: tuple[KeySpec, ...] = (
         minimum=0.0,
     ),
     KeySpec(
-        "NCCWindowWidth", "float", "per-level", ("40", "20", "14"),
+        "NCCWindowWidth", "float", "per-level", ("30", "14", "9"),
         "Width in mm of the local NCC window along every axis, > 0, per resolution: on each axis the "
         "window spans the odd number (>= 3) of that level's voxels closest to it. Used unless "
         "NCCWindowSize is given (not both).",

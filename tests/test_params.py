@@ -136,7 +136,7 @@ def test_defaults_follow_number_of_levels():
     four = _settings("(NumberOfResolutions 4)")
     assert four.iterations == (150, 80, 30, 150)
     assert four.pyramid_spacing == (16.0, 8.0, 4.0, 2.0)
-    assert four.ncc_window_mm == (40.0, 20.0, 14.0, 40.0) and four.ncc_window == ()
+    assert four.ncc_window_mm == (30.0, 14.0, 9.0, 30.0) and four.ncc_window == ()
     voxels = _settings("(NumberOfResolutions 4)\n(ImagePyramidSchedule 16 16 16 8 8 8 4 4 4 2 2 2)\n"
                        "(NCCWindowSize 5 5 7)")
     assert voxels.pyramid_schedule == ((16, 16, 16), (8, 8, 8), (4, 4, 4), (2, 2, 2)) and voxels.pyramid_spacing == ()
@@ -147,7 +147,7 @@ def test_default_settings_values():
     s = default_settings()
     assert s.metrics == ("MSE", "NCC")
     assert s.metric_weights == (0.5, 0.5)
-    assert s.ncc_window_mm == (40.0, 20.0, 14.0) and s.ncc_window == ()
+    assert s.ncc_window_mm == (30.0, 14.0, 9.0) and s.ncc_window == ()
     assert s.regularization_weight == (0.3, 0.3, 0.1)
     assert s.num_levels == 3
     assert s.pyramid_spacing == (8.0, 4.0, 2.0) and s.pyramid_schedule == ()
@@ -443,7 +443,7 @@ def test_replace_refits_levels_and_weights():
     assert s.pyramid_spacing == (16.0, 8.0, 4.0, 2.0)
     assert s.iterations == (150, 80, 30, 150)
     one = default_settings().replace(num_levels=1, iterations=(30,))
-    assert one.iterations == (30,) and one.ncc_window_mm == (40.0,) and one.pyramid_spacing == (2.0,)
+    assert one.iterations == (30,) and one.ncc_window_mm == (30.0,) and one.pyramid_spacing == (2.0,)
     voxels = default_settings().replace(num_levels=1, pyramid_schedule=((2, 2, 2),), ncc_window=(5,))
     assert voxels.pyramid_schedule == ((2, 2, 2),) and voxels.pyramid_spacing == ()
     assert voxels.ncc_window == (5,) and voxels.ncc_window_mm == ()
@@ -467,7 +467,8 @@ def test_presets_parse_and_start_with_a_header(name):
 
 
 def test_diffeomorphic_preset_is_the_default_with_a_velocity_field():
-    assert load_settings(PRESETS / "diffeomorphic.txt") == default_settings().replace(transform="Diffeomorphic")
+    assert load_settings(PRESETS / "diffeomorphic.txt") == default_settings().replace(
+        transform="Diffeomorphic", ncc_window_mm=(40.0, 20.0, 14.0))
 
 
 def test_default_preset_equals_defaults():

@@ -37,7 +37,7 @@ def test_two_mm_image_gets_the_same_physical_levels_as_one_mm():
 
 
 def test_ncc_window_in_mm_per_axis():
-    levels = pyramid_levels(default_settings(), _grid((1.0, 1.0, 4.0)))  # widths 40, 20, 14 mm
+    levels = pyramid_levels(default_settings().replace(ncc_window_mm=(40.0, 20.0, 14.0)), _grid((1.0, 1.0, 4.0)))
     # finest level: 2 x 2 x 4 mm voxels -> 7 voxels in-plane (14 mm), 3 across slices (12 mm)
     assert levels[-1].ncc_window == (3, 7, 7)  # (z, y, x)
     assert levels[0].ncc_window == (5, 5, 5)  # 8 mm everywhere -> 40 mm
