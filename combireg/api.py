@@ -1,7 +1,6 @@
 """``combireg.register``: the one-call Python API, and its :class:`Result`."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import platform
@@ -17,8 +16,8 @@ import torch
 from .errors import CombiregError
 from .geometry import Geometry
 from .image import Image
-from .outputs import CORRESPONDENCE_WEIGHT_NAME, OutputWriter, output_kinds, write_outputs
-from .optimize import FieldPair, level_image, normalise_intensities, optimise_fields
+from .outputs import CORRESPONDENCE_WEIGHT_NAME, OUTPUT_KINDS, OutputWriter, output_kinds, write_outputs
+from .optimize import FieldPair, normalise_intensities, optimise_fields
 from .paramfile import ParamMap
 from .params import Settings, format_parameter_map, load_settings, settings_from_map
 from .pyramid import pyramid_levels
@@ -387,7 +386,7 @@ def register(source: ImageLike, target: ImageLike, params: Settings | ParamMap |
         # An initial field already says where the source lies; aligning first would count it twice.
         log.info("PreAlignment %r skipped: an initial field was given", settings.pre_alignment)
         skipped_prealignment = settings.pre_alignment
-        settings = dataclasses.replace(settings, pre_alignment="none")
+        settings = settings.replace(pre_alignment="none")
     needed = estimate_memory_bytes(working_geometry(target_img.geometry, settings), source_img.geometry,
                                    target_img.num_channels, settings)
     limit = available_memory_bytes() if max_memory_bytes is None else int(max_memory_bytes)
@@ -435,23 +434,9 @@ def register(source: ImageLike, target: ImageLike, params: Settings | ParamMap |
 
 def _self_check(fields: FieldPair, prepared: "_Prepared", report: dict, start, start_name: str) -> dict:
     """The do-no-harm check (:func:`combireg.quality.self_check`) on the finest level's grid."""
-    if fields.level_images is not None:
-        source, target = fields.level_images  # what the last level was optimised on
-    else:
-        shape = fields.geometry.shape
-        factors = [max(1.0, b / a) for a, b in zip(prepared.geometry.spacing, fields.geometry.spacing)]
-        source = level_image(prepared.source, factors, shape)
-        target = level_image(prepared.target, factors, shape)
-    folding = report["jacobian"]["percent_nonpositive"]
-    check = self_check(source, target, fields.forward, folding, start=start, start_name=start_name)
-    if start is not None:
-        # An initial field (a DRN's above all) can be worse than no initial field at all: the
-        # result is also held against the plain start, so a harmful initialisation is reported.
-        plain_name = "pre-alignment" if prepared.affine is not None else "identity"
-        plain = self_check(source, target, fields.forward, folding, start_name=f"{plain_name} (without the initial field)")
-        check["similarity"]["without_initial_field"] = plain["similarity"]["start"]
-        check["warnings"] += [w for w in plain["warnings"] if w.startswith("the result looks worse")]
-    return check
+    source, target = fields.level_images  # what the last level was optimised on
+    return self_check(source, target, fields.forward, report["jacobian"]["percent_nonpositive"], start=start,
+                      start_name=start_name, plain_name="pre-alignment" if prepared.affine is not None else "identity")
 
 
 def _correspondence_summary(weight: Image, info: dict | None) -> dict:
@@ -465,7 +450,7 @@ def _correspondence_summary(weight: Image, info: dict | None) -> dict:
 
 
 def _finish(fields: FieldPair, source: Image, target: Image, prepared: _Prepared, settings: Settings,
-            kinds: tuple = ("field", "inverse", "warped"), writer: OutputWriter | None = None) -> Result:
+            kinds: tuple = OUTPUT_KINDS, writer: OutputWriter | None = None) -> Result:
     """Fields in LPS mm on the target grid (forward) and the source grid (inverse), and the warp
     (the inverse and the warp only where ``kinds`` asks for them), each handed to ``writer`` as
     soon as it is ready (the warped images first after the field: they take longest to write)."""

@@ -54,7 +54,7 @@ def structural_similarity(moving: torch.Tensor, fixed: torch.Tensor, window: int
 
 
 def self_check(source: torch.Tensor, target: torch.Tensor, forward: torch.Tensor, folding_percent: float, *,
-               start: torch.Tensor | None = None, start_name: str = "identity") -> dict:
+               start: torch.Tensor | None = None, start_name: str = "identity", plain_name: str | None = None) -> dict:
     """Compare the start and the result of a registration, and collect warnings.
 
     Parameters
@@ -70,26 +70,38 @@ def self_check(source: torch.Tensor, target: torch.Tensor, forward: torch.Tensor
         pyramid); None: the identity.
     start_name : str
         What the start is ("identity", "pre-alignment", "initial field"), for the messages.
+    plain_name : str, optional
+        With a ``start``: also hold the result against ``source`` itself, the start without the
+        initial field ("identity" or "pre-alignment"), so an initialisation (a DRN's above all)
+        that left the result worse than no initialisation is reported too.
 
     Returns
     -------
     dict
-        ``similarity`` (``metric``, ``start``, ``final``), ``folding_percent`` and
-        ``warnings`` (list of one-line messages; empty when the result looks fine).
+        ``similarity`` (``metric``, ``start``, ``final``, and ``without_initial_field`` with
+        ``plain_name``), ``folding_percent`` and ``warnings`` (list of one-line messages; empty
+        when the result looks fine).
     """
     with torch.no_grad():
         begin = source if start is None else warp_normalised(source, upsample_normalised(start, source.shape[2:]))
         start_value = structural_similarity(begin, target)
         final = structural_similarity(warp_normalised(source, forward), target)
-    warnings = []
-    if final < start_value - TOLERANCE:
-        warnings.append(f"the result looks worse than the {start_name}: local structural similarity {final:.4f} "
-                        f"after against {start_value:.4f} before (check the metric, e.g. MSE alone across sequences, and "
-                        f"the regularisation)")
+        plain = structural_similarity(source, target) if start is not None and plain_name is not None else None
+
+    def worse(name: str, value: float) -> list[str]:
+        if final >= value - TOLERANCE:
+            return []
+        return [f"the result looks worse than the {name}: local structural similarity {final:.4f} after against "
+                f"{value:.4f} before (check the metric, e.g. MSE alone across sequences, and the regularisation)"]
+
+    warnings = worse(start_name, start_value)
     if folding_percent > MAX_FOLDING_PERCENT:
         warnings.append(f"the forward field folds {folding_percent:.2f} % of the target voxels (Jacobian "
                         f"determinant <= 0; more than {MAX_FOLDING_PERCENT} %): raise RegularizationWeight, or use "
                         f'(Transform "Diffeomorphic") (params/diffeomorphic.txt), which cannot fold')
-    return {"similarity": {"metric": f"mean local cc^2, {CHECK_WINDOW}-voxel windows on the finest level",
-                           "start": round(start_value, 6), "final": round(final, 6), "start_is": start_name},
-            "folding_percent": round(float(folding_percent), 6), "warnings": warnings}
+    similarity = {"metric": f"mean local cc^2, {CHECK_WINDOW}-voxel windows on the finest level",
+                  "start": round(start_value, 6), "final": round(final, 6), "start_is": start_name}
+    if plain is not None:
+        warnings += worse(f"{plain_name} (without the initial field)", plain)
+        similarity["without_initial_field"] = round(plain, 6)
+    return {"similarity": similarity, "folding_percent": round(float(folding_percent), 6), "warnings": warnings}
