@@ -239,9 +239,10 @@ SCHEMA: tuple[KeySpec, ...] = (
     ),
     KeySpec(
         "PreAlignment", "str", "1", ("rigid",),
-        "Rigid or affine pre-alignment of the source to the target with itk-elastix before the "
-        "deformable optimisation: \"none\", \"rigid\" (default: centre-of-gravity start, then Mattes MI on "
-        "3 mm copies, about 1 s) or \"affine\". The affine is composed into the written fields (still one "
+        "Rigid or affine pre-alignment of the source to the target before the deformable optimisation: "
+        "\"none\", \"rigid\" (default: centre-of-gravity start, then Mattes MI on 8 and 4 mm copies, in torch, "
+        "about 1 s; measured on the varied benchmark it fixes large pose differences and never hurt) or "
+        "\"affine\" (itk-elastix's affine map on 3 mm copies). Composed into the written fields (still one "
         "field on the target grid, target x -> source x + u(x)); skipped when an initial field is given.",
         choices=PRE_ALIGNMENTS,
     ),

@@ -35,7 +35,7 @@ from .elastix_driver import PoolThreader, itk_image, itk_message, run_elastix
 from .errors import CombiregError
 from .geometry import Geometry
 from .image import Image
-from .warp import affine_displacement, resample_image, warp_image
+from .warp import affine_displacement, resample_image, warp_image_affine
 
 __all__ = [
     "ORIENTATION_CODES",
@@ -679,7 +679,7 @@ def warp_affine(source: Image, matrix: np.ndarray, geometry: Geometry, *, interp
     """
     mode = _mode(interpolation)
     data = Image(source.data.detach().to(torch.float32), source.geometry)
-    return warp_image(data, geometry, affine_displacement(matrix, geometry), mode=mode)
+    return warp_image_affine(data, geometry, matrix, mode=mode)
 
 
 # ------------------------------------------------------------------------------ affine files

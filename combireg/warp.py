@@ -38,6 +38,7 @@ __all__ = [
     "gradient_scale",
     "affine_displacement",
     "compose_affine",
+    "warp_image_affine",
     "undo_prealignment",
     "undo_prealignment_inverse",
     "sample_field_at",
@@ -376,6 +377,18 @@ def _determinant(u: np.ndarray, inv: np.ndarray) -> np.ndarray:
             + jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0]))
 
 
+def _affine_field(matrix_4x4: np.ndarray, geometry: Geometry, device=None) -> torch.Tensor:
+    """``M @ [x, 1]`` (first three rows) at every voxel centre x of ``geometry``, (Z, Y, X, 3) float32.
+
+    Why ``affine_grid``: an affine function of the world point is an affine function of the
+    voxel's normalised coordinates, so float32 ``affine_grid`` evaluates it directly instead of
+    building float64 world coordinates of every voxel (a 1 mm brain: 0.1 s instead of 1.3 s).
+    """
+    normalised_to_world = geometry.index_to_world_matrix @ np.linalg.inv(geometry.index_to_normalised_matrix)
+    theta = torch.as_tensor((matrix_4x4 @ normalised_to_world)[:3], dtype=torch.float32, device=device)[None]
+    return F.affine_grid(theta, (1, 1) + tuple(geometry.shape), align_corners=True)[0]
+
+
 def affine_displacement(matrix: np.ndarray, geometry: Geometry) -> np.ndarray:
     """The dense field ``u(x) = A x - x`` (LPS mm, (Z, Y, X, 3) float32) of a 4x4 affine on a grid.
 
@@ -383,21 +396,38 @@ def affine_displacement(matrix: np.ndarray, geometry: Geometry) -> np.ndarray:
     point -> source point, the direction of every displacement field here).
     """
     matrix = _check_affine(matrix)
-    points = geometry.world_grid()
-    moved = points @ matrix[:3, :3].T + matrix[:3, 3]
-    return (moved - points).astype(np.float32)
+    # (A - I) is formed in float64 first, so u's float32 error does not grow with |x|.
+    return _affine_field(matrix - np.diag([1.0, 1.0, 1.0, 0.0]), geometry).numpy()
 
 
 def compose_affine(matrix: np.ndarray, displacement_lps_mm: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Field of ``x -> A (x + u(x))``: a deformation on ``geometry`` followed by an affine.
 
     Used when a deformable field was optimised after an affine pre-alignment: the result is
-    again one field on the same grid, target x -> source ``A (x + u(x))``.
+    again one field on the same grid, target x -> source ``A (x + u(x))``; its displacement is
+    ``(A x - x) + A_lin u(x)``.
     """
     matrix = _check_affine(matrix)
-    points = geometry.world_grid()
-    deformed = points + np.asarray(displacement_lps_mm, dtype=np.float64)
-    return (deformed @ matrix[:3, :3].T + matrix[:3, 3] - points).astype(np.float32)
+    out = _affine_field(matrix - np.diag([1.0, 1.0, 1.0, 0.0]), geometry)
+    u = torch.as_tensor(np.asarray(displacement_lps_mm, dtype=np.float32))
+    linear = torch.as_tensor(matrix[:3, :3], dtype=torch.float32)
+    out.view(-1, 3).addmm_(u.reshape(-1, 3), linear.T)
+    return out.numpy()
+
+
+def warp_image_affine(source: Image, target_geometry: Geometry, matrix: np.ndarray, *,
+                      mode: str = "bilinear", padding_mode: str = "zeros") -> Image:
+    """Resample ``source`` onto ``target_geometry`` through an affine: the value at x is ``source(A x)``.
+
+    ``matrix`` takes a target point to its source point (LPS mm). One ``affine_grid``: no dense
+    displacement is built.
+    """
+    matrix = _check_affine(matrix)
+    theta = (source.geometry.world_to_normalised_matrix @ matrix @ target_geometry.index_to_world_matrix
+             @ np.linalg.inv(target_geometry.index_to_normalised_matrix))
+    theta_t = torch.as_tensor(theta[:3], dtype=torch.float32, device=source.data.device)[None]
+    grid = F.affine_grid(theta_t, (1, 1) + tuple(target_geometry.shape), align_corners=True)
+    return Image(_sample(source.data, grid, mode, padding_mode), target_geometry)
 
 
 def undo_prealignment(matrix: np.ndarray, forward_lps_mm: np.ndarray, target_geometry: Geometry,
