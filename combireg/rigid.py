@@ -46,6 +46,8 @@ RIGID_STEP_MM = (2.0, 0.5)
 RIGID_SAMPLES = 8000
 #: Fewest voxels along an image's shortest axis on any level (a 190 mm brain has 24 at 8 mm).
 _MIN_VOXELS = 24
+#: Least share of the target samples that must land inside the source for a step to count.
+_MIN_OVERLAP = 0.5
 #: Percentiles of each coarse copy mapped to 0 and 1 before the histogram.
 _PERCENTILES = (0.5, 99.5)
 
@@ -178,6 +180,7 @@ def rigid_align(source: Image, target: Image, *, source_mask: Image | None = Non
         mask_volume = None if moving_inside is None else moving_inside.to(torch.float32)[None, None]
         count = int(iterations[level])
         optimiser = Adam([rotation, translation], lr=float(step_mm[level]))
+        best = (float("inf"), rotation.detach().clone(), translation.detach().clone())
         for step in range(count):
             optimiser.lr = float(step_mm[level]) * (1.0 - 0.9 * step / max(count - 1, 1))
             # A new random subset every iteration, as elastix's random sampler: cheap
@@ -197,10 +200,18 @@ def rigid_align(source: Image, target: Image, *, source_mask: Image | None = Non
             if mask_volume is not None:
                 weight = weight * F.grid_sample(mask_volume, grid.detach(), mode="nearest",
                                                 padding_mode="zeros", align_corners=True)
-            if float(weight.sum()) < 0.05 * weight.numel():
-                raise CombiregError("rigid pre-alignment lost the image: fewer than 5 % of the "
-                                    "target samples fall inside the source")
+            if float(weight.sum()) < _MIN_OVERLAP * weight.numel():
+                # MI can rise as the overlap shrinks (noise, a tiny image): stop before the
+                # source leaves the target and keep the best pose of the level.
+                with torch.no_grad():
+                    rotation.copy_(best[1])
+                    translation.copy_(best[2])
+                log.warning("rigid pre-alignment: level %d stopped after %d iterations, the source was "
+                            "leaving the target's field of view; kept its best pose", level, step)
+                break
             loss = mutual_information(warped, fixed_values, weight, bins=bins)
+            if best is None or float(loss) < best[0]:
+                best = (float(loss), rotation.detach().clone(), translation.detach().clone())
             loss.backward()
             optimiser.step()
     with torch.no_grad():

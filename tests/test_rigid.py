@@ -106,3 +106,17 @@ def test_bad_arguments():
     constant = Image(torch.ones_like(target.data), target.geometry)
     with pytest.raises(CombiregError, match="constant"):
         rigid_align(source, constant)
+
+
+def test_noise_does_not_walk_the_source_out_of_the_target(caplog):
+    """Tiny noise images give MI nothing to align: the map stays a rigid map that keeps most of
+    the target inside the source (the level stops and keeps its best pose when it would not)."""
+    geometry = Geometry((12, 10, 8), spacing=(2.0, 2.0, 2.5))
+    rng = np.random.default_rng(0)
+    source, target = (Image(torch.from_numpy(rng.random(geometry.shape).astype(np.float32))[None], geometry)
+                      for _ in range(2))
+    matrix = rigid_align(source, target)
+    np.testing.assert_allclose(matrix[:3, :3] @ matrix[:3, :3].T, np.eye(3), atol=1e-9)
+    corners = geometry.index_to_world(np.array([[0, 0, 0], [11, 9, 7]], dtype=float))
+    centre = corners.mean(0)
+    assert np.linalg.norm(matrix[:3, :3] @ centre + matrix[:3, 3] - centre) < 0.5 * np.linalg.norm(corners[1] - corners[0])
