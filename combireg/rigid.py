@@ -46,8 +46,11 @@ RIGID_STEP_MM = (2.0, 0.5)
 RIGID_SAMPLES = 8000
 #: Fewest voxels along an image's shortest axis on any level (a 190 mm brain has 24 at 8 mm).
 _MIN_VOXELS = 24
-#: Least share of the target samples that must land inside the source for a step to count.
+#: A level stops when the share of target samples inside the source falls below this fraction
+#: of its share at the level's start (a source with a smaller field of view starts below 1).
 _MIN_OVERLAP = 0.5
+#: Below this share at the start there is nothing to align.
+_LOST_OVERLAP = 0.02
 #: Percentiles of each coarse copy mapped to 0 and 1 before the histogram.
 _PERCENTILES = (0.5, 99.5)
 
@@ -181,6 +184,7 @@ def rigid_align(source: Image, target: Image, *, source_mask: Image | None = Non
         count = int(iterations[level])
         optimiser = Adam([rotation, translation], lr=float(step_mm[level]))
         best = (float("inf"), rotation.detach().clone(), translation.detach().clone())
+        start_overlap = None
         for step in range(count):
             optimiser.lr = float(step_mm[level]) * (1.0 - 0.9 * step / max(count - 1, 1))
             # A new random subset every iteration, as elastix's random sampler: cheap
@@ -200,7 +204,14 @@ def rigid_align(source: Image, target: Image, *, source_mask: Image | None = Non
             if mask_volume is not None:
                 weight = weight * F.grid_sample(mask_volume, grid.detach(), mode="nearest",
                                                 padding_mode="zeros", align_corners=True)
-            if float(weight.sum()) < _MIN_OVERLAP * weight.numel():
+            overlap = float(weight.sum()) / weight.numel()
+            if start_overlap is None:
+                start_overlap = overlap
+                if level == 0 and overlap < _LOST_OVERLAP:
+                    raise CombiregError(f"rigid pre-alignment: only {100 * overlap:.1f} % of the target's voxels "
+                                        "fall inside the source after aligning the centres of gravity; "
+                                        "the images do not cover the same anatomy")
+            if overlap < _MIN_OVERLAP * start_overlap:
                 # MI can rise as the overlap shrinks (noise, a tiny image): stop before the
                 # source leaves the target and keep the best pose of the level.
                 with torch.no_grad():
@@ -210,8 +221,9 @@ def rigid_align(source: Image, target: Image, *, source_mask: Image | None = Non
                             "leaving the target's field of view; kept its best pose", level, step)
                 break
             loss = mutual_information(warped, fixed_values, weight, bins=bins)
-            if best is None or float(loss) < best[0]:
-                best = (float(loss), rotation.detach().clone(), translation.detach().clone())
+            value = float(loss.detach())
+            if value < best[0]:
+                best = (value, rotation.detach().clone(), translation.detach().clone())
             loss.backward()
             optimiser.step()
     with torch.no_grad():

@@ -120,3 +120,16 @@ def test_noise_does_not_walk_the_source_out_of_the_target(caplog):
     corners = geometry.index_to_world(np.array([[0, 0, 0], [11, 9, 7]], dtype=float))
     centre = corners.mean(0)
     assert np.linalg.norm(matrix[:3, :3] @ centre + matrix[:3, 3] - centre) < 0.5 * np.linalg.norm(corners[1] - corners[0])
+
+
+def test_a_source_with_a_smaller_field_of_view_is_aligned(caplog):
+    """A source slab covering a third of the target's field of view (most target samples fall
+    outside it from the start): the pose is still optimised and found, without a stop."""
+    truth = _pose(6.0, (1.0, -0.4, 0.3), (4.0, -3.0, 5.0))
+    _, target = _pair(truth)
+    slab = Geometry((60, 64, 18), origin=(-70.0, -88.0, 0.0), spacing=(2.5, 2.2, 3.0))
+    source = image_from_world_function(slab, _head)
+    with caplog.at_level("WARNING", logger="combireg.rigid"):
+        estimate = rigid_align(source, target)
+    assert not [r for r in caplog.records if "stopped" in r.getMessage()]
+    assert _error_mm(estimate, truth) < 1.5
