@@ -599,7 +599,12 @@ def _optimise_level(src: torch.Tensor, tgt: torch.Tensor, forward: torch.Tensor,
     start = time.perf_counter()
     loss_value = float("nan")
     most_steps = None
+    warm_up = settings.warm_up_iterations
     for it in range(iterations):
+        if warm_up:
+            # Adam's first steps are about the full step at every voxel whatever its gradient
+            # (m / sqrt(v) = sign(g)): rising to it lets the moments settle first.
+            optimiser.lr = lr * min(1.0, (it + 1) / warm_up)
         optimiser.zero_grad()
         # The maps: the fields themselves, or exp(v) of the velocities (Transform "Diffeomorphic").
         disp_f, steps = _displacement(forward, settings, grid)

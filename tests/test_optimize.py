@@ -25,3 +25,26 @@ def test_adam_is_bit_identical_to_torch_adam():
     assert all(p.grad is not None for p in ours)
     a.zero_grad()
     assert all(p.grad is None for p in ours)
+
+
+def test_warm_up_scales_the_first_steps_of_every_level():
+    """WarmUpIterations W: Adam's first step (about LearningRate at every voxel, whatever the
+    gradient) is 1/W of it; with W = 0 it is the full step."""
+    import numpy as np
+
+    from combireg import Geometry
+    from combireg.optimize import optimise_fields
+    from combireg.params import default_settings
+
+    geometry = Geometry((24, 20, 16), origin=(5.0, -3.0, 2.0), spacing=(1.5, 1.2, 2.0))
+    generator = torch.Generator().manual_seed(0)
+    source = torch.rand((1, 1) + geometry.shape, generator=generator)
+    target = torch.rand((1, 1) + geometry.shape, generator=generator)
+    for warm_up in (0, 4):
+        settings = default_settings().replace(num_levels=1, pyramid_spacing=(2.0,), ncc_window_mm=(6.0,),
+                                              iterations=(1,), learning_rate=(0.01,), pre_alignment="none",
+                                              warm_up_iterations=warm_up)
+        fields = optimise_fields(source, target, geometry, settings, inverse=False)
+        largest = float(fields.forward.abs().max())
+        expected = 0.01 / max(warm_up, 1)
+        assert np.isclose(largest, expected, rtol=1e-3), (warm_up, largest)

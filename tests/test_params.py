@@ -407,14 +407,14 @@ def test_default_parameter_map_lists_every_key():
     assert list(pm) == [
         "Metric", "Metric0Weight", "Metric1Weight", "NCCWindowWidth", "NumberOfHistogramBins", "RegularizationWeight",
         "NumberOfResolutions", "PyramidSpacing", "MaximumNumberOfIterations",
-        "LearningRate", "Optimizer", "Bidirectional", "InverseConsistencyWeight", "MetricWeighting",
+        "LearningRate", "WarmUpIterations", "Optimizer", "Bidirectional", "InverseConsistencyWeight", "MetricWeighting",
         "MetricWeightingInterval", "CorrespondenceWeighting", "CorrespondenceErrorScale", "CorrespondenceSmoothing",
         "CorrespondenceMaximumExclusion", "CorrespondenceUpdateInterval", "PreAlignment",
         "BiasFieldCorrection", "WorkingSpacing", "WorkingOrientation", "Seed",
         "NormalizationPercentiles", "NumberOfThreads",
     ]
     assert pm["PyramidSpacing"] == ("8.0", "4.0", "2.0")
-    assert pm["Bidirectional"] == ("false",)
+    assert pm["Bidirectional"] == ("false",) and pm["WarmUpIterations"] == ("10",)
     assert pm["MetricWeighting"] == ("fixed",) and pm["CorrespondenceWeighting"] == ("false",)
 
 
@@ -468,7 +468,7 @@ def test_presets_parse_and_start_with_a_header(name):
 
 def test_diffeomorphic_preset_is_the_default_with_a_velocity_field():
     assert load_settings(PRESETS / "diffeomorphic.txt") == default_settings().replace(
-        transform="Diffeomorphic", ncc_window_mm=(40.0, 20.0, 14.0))
+        transform="Diffeomorphic", ncc_window_mm=(40.0, 20.0, 14.0), warm_up_iterations=0)
 
 
 def test_default_preset_equals_defaults():
@@ -547,7 +547,7 @@ def test_cli_check_default_preset(cli):
     result = _invoke(cli, "params", "check", path)
     assert result.exit_code == 0, result.output
     assert result.stdout == (
-        f"{path}: OK (27 keys; metrics MSE+NCC 0.5/0.5, 3 resolutions, iterations 150 80 30)\n"
+        f"{path}: OK (28 keys; metrics MSE+NCC 0.5/0.5, 3 resolutions, iterations 150 80 30)\n"
     )
 
 

@@ -63,10 +63,11 @@ def test_register_reports_the_check_and_a_sane_run_passes_it():
 
 def test_register_warns_about_a_run_that_made_things_worse(caplog):
     source, target = _pair()
-    # Far too large steps without regularisation: the field scrambles the image.
+    # Far too large steps from the first iteration, without regularisation: the field scrambles
+    # the image.
     s = default_settings().replace(num_levels=1, pyramid_spacing=(1.0,), iterations=(40,), learning_rate=(0.5,),
                                    regularization_weight=(0.0,), metrics=("MSE",),
-                                   pre_alignment="none")
+                                   pre_alignment="none", warm_up_iterations=0)
     with caplog.at_level("WARNING"):
         result = register(source, target, s)
     warnings = result.report["quality"]["warnings"]
