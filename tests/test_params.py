@@ -456,7 +456,7 @@ def test_replace_refits_levels_and_weights():
 
 
 @pytest.mark.parametrize("name", ["default.txt", "paper_io.txt", "mse.txt", "ncc.txt", "mi.txt", "drn_io.txt",
-                                  "drn_only.txt", "diffeomorphic.txt"])
+                                  "drn_only.txt", "diffeomorphic.txt", "cross_sequence.txt"])
 def test_presets_parse_and_start_with_a_header(name):
     path = PRESETS / name
     text = path.read_text(encoding="utf-8")
@@ -469,6 +469,10 @@ def test_presets_parse_and_start_with_a_header(name):
 def test_diffeomorphic_preset_is_the_default_with_a_velocity_field():
     assert load_settings(PRESETS / "diffeomorphic.txt") == default_settings().replace(
         transform="Diffeomorphic", ncc_window_mm=(40.0, 20.0, 14.0), warm_up_iterations=0)
+
+
+def test_cross_sequence_preset_is_the_default_with_a_narrower_finest_ncc_window():
+    assert load_settings(PRESETS / "cross_sequence.txt") == default_settings().replace(ncc_window_mm=(30.0, 14.0, 6.0))
 
 
 def test_default_preset_equals_defaults():
