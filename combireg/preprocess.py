@@ -35,6 +35,7 @@ from .elastix_driver import PoolThreader, itk_image, itk_message, run_elastix
 from .errors import CombiregError
 from .geometry import Geometry
 from .image import Image
+from .pyramid import coarse_copy
 from .warp import affine_displacement, resample_image, warp_image_affine
 
 __all__ = [
@@ -587,8 +588,8 @@ def prealign(source: Image, target: Image, kind: str = "rigid", *, source_mask: 
     if resolutions < 1 or iterations < 1 or samples < 1:
         raise ValueError("resolutions, iterations and samples must be positive")
     if working_spacing_mm is not None:
-        source, source_mask = _coarse_copy(source, source_mask, working_spacing_mm)
-        target, target_mask = _coarse_copy(target, target_mask, working_spacing_mm)
+        source, source_mask = coarse_copy(source, source_mask, working_spacing_mm)
+        target, target_mask = coarse_copy(target, target_mask, working_spacing_mm)
     source_inside = _mask_array(source_mask, source.geometry, "source")
     target_inside = _mask_array(target_mask, target.geometry, "target")
     itk = _itk()
@@ -625,20 +626,6 @@ def prealign(source: Image, target: Image, kind: str = "rigid", *, source_mask: 
         matrix = _matrix_of_transform(transform, target.geometry)
     log.info("pre-alignment (%s): target -> source matrix\n%s", kind, np.array2string(matrix, precision=4))
     return matrix
-
-
-def _coarse_copy(image: Image, mask: Image | None, spacing_mm: float) -> tuple[Image, Image | None]:
-    """``image`` (first channel) smoothed and shrunk to at least ``spacing_mm`` per axis, as a
-    pyramid level (same field of view; Gaussian of half a factor, see :func:`smooth_and_resize`),
-    and its mask by nearest neighbour on the same grid."""
-    from .filters import smooth_and_resize
-
-    factors = [max(1.0, spacing_mm / s) for s in image.geometry.spacing]
-    geometry = image.geometry.shrink(factors)
-    sigma_zyx = [0.5 * f if f > 1 else 0.0 for f in reversed(factors)]
-    data = smooth_and_resize(image.data[:1].detach().to(torch.float32)[None], sigma_zyx, geometry.shape)[0]
-    coarse_mask = None if mask is None else resample_image(mask, geometry, mode="nearest")
-    return Image(data, geometry), coarse_mask
 
 
 def _matrix_of_transform(transform, geometry: Geometry) -> np.ndarray:

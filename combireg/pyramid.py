@@ -12,10 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from .filters import smooth_and_resize
 from .geometry import Geometry
+from .image import Image
+from .warp import resample_image
 
-__all__ = ["Level", "pyramid_levels", "shrink_factors", "odd_window"]
+__all__ = ["Level", "pyramid_levels", "shrink_factors", "odd_window", "coarse_copy"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,19 @@ def shrink_factors(spacing_mm: float, geometry: Geometry) -> tuple[float, float,
     if not spacing_mm > 0:
         raise ValueError(f"a level spacing must be positive, got {spacing_mm}")
     return tuple(float(max(1.0, spacing_mm / s)) for s in geometry.spacing)
+
+
+def coarse_copy(image: Image, mask: Image | None, spacing_mm: float) -> tuple[Image, Image | None]:
+    """``image``'s first channel as a pyramid level at least ``spacing_mm`` apart per axis
+    (:func:`shrink_factors`; same field of view, Gaussian of half a factor as every level), and
+    ``mask`` by nearest neighbour on the same grid. For the linear pre-alignments, which need
+    only coarse copies of one channel."""
+    factors = shrink_factors(spacing_mm, image.geometry)
+    geometry = image.geometry.shrink(factors)
+    sigma_zyx = [0.5 * f if f > 1 else 0.0 for f in reversed(factors)]
+    data = smooth_and_resize(image.data[:1].detach().to(torch.float32)[None], sigma_zyx, geometry.shape)[0]
+    coarse_mask = None if mask is None else resample_image(mask, geometry, mode="nearest")
+    return Image(data, geometry), coarse_mask
 
 
 def odd_window(width_mm: float, spacing_mm: float) -> int:

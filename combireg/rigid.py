@@ -23,12 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CombiregError
-from .filters import smooth_and_resize
 from .geometry import Geometry
 from .image import Image
 from .losses import mutual_information
 from .optimize import Adam
-from .warp import resample_image
+from .pyramid import coarse_copy
 
 __all__ = ["rigid_align", "rotation_matrix", "RIGID_SPACINGS_MM", "RIGID_ITERATIONS",
            "RIGID_STEP_MM", "RIGID_SAMPLES"]
@@ -73,14 +72,9 @@ def _coarse(image: Image, mask: Image | None, spacing_mm: float) -> tuple[torch.
     # axis: a histogram of a few hundred samples cannot rank poses.
     extent = float(np.min(np.where(np.asarray(image.geometry.size) > 1, image.geometry.extent_mm, np.inf)))
     spacing_mm = min(spacing_mm, extent / _MIN_VOXELS) if np.isfinite(extent) else spacing_mm
-    factors = [max(1.0, spacing_mm / s) for s in image.geometry.spacing]
-    geometry = image.geometry.shrink(factors)
-    sigma_zyx = [0.5 * f if f > 1 else 0.0 for f in reversed(factors)]
-    data = smooth_and_resize(image.data[:1].detach().to(torch.float32)[None], sigma_zyx, geometry.shape)[0, 0]
-    inside = None
-    if mask is not None:
-        inside = resample_image(Image(mask.data[:1].to(torch.float32), mask.geometry), geometry,
-                                mode="nearest").data[0] > 0
+    coarse, coarse_mask = coarse_copy(image, mask, spacing_mm)
+    data, geometry = coarse.data[0], coarse.geometry
+    inside = None if coarse_mask is None else coarse_mask.data[0] > 0
     values = data[inside] if inside is not None else data.reshape(-1)
     if values.numel() == 0:
         raise CombiregError("rigid pre-alignment: the mask leaves no voxel of the image")
@@ -94,20 +88,13 @@ def _coarse(image: Image, mask: Image | None, spacing_mm: float) -> tuple[torch.
     return ((data - lo) / (hi - lo)).clamp_(0.0, 1.0), geometry, inside
 
 
-def _world_points(geometry: Geometry) -> np.ndarray:
-    """World coordinates (N, 3) of every voxel of a (small) grid, in C order of (Z, Y, X)."""
-    k, j, i = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in geometry.shape), indexing="ij")
-    index = np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1)
-    return index @ geometry.index_to_world_linear.T + np.asarray(geometry.origin)
-
-
 def _centre_of_gravity(data: torch.Tensor, geometry: Geometry, inside: torch.Tensor | None) -> np.ndarray:
     weights = data.reshape(-1).double().numpy()
     if inside is not None:
         weights = weights * inside.reshape(-1).numpy()
     if weights.sum() <= 0:
         return geometry.index_to_world(((np.asarray(geometry.size) - 1) / 2.0)[None])[0]
-    return weights @ _world_points(geometry) / weights.sum()
+    return weights @ geometry.world_grid().reshape(-1, 3) / weights.sum()
 
 
 def rigid_align(source: Image, target: Image, *, source_mask: Image | None = None,
@@ -171,7 +158,7 @@ def rigid_align(source: Image, target: Image, *, source_mask: Image | None = Non
             # shift between the two centres (elastix's CenterOfGravity initialisation).
             target_centre = _centre_of_gravity(fixed, fixed_geometry, fixed_inside)
             source_centre = _centre_of_gravity(moving, moving_geometry, moving_inside)
-        points = torch.as_tensor(_world_points(fixed_geometry) - target_centre)
+        points = torch.as_tensor(fixed_geometry.world_grid().reshape(-1, 3) - target_centre)
         values = fixed.reshape(-1)
         candidates = (torch.arange(values.numel()) if fixed_inside is None
                       else torch.nonzero(fixed_inside.reshape(-1)).reshape(-1))

@@ -96,10 +96,18 @@ def upsample_normalised(displacement: torch.Tensor, shape_zyx) -> torch.Tensor:
     return F.interpolate(displacement, size=tuple(shape_zyx), mode="trilinear", align_corners=True)
 
 
-def _normalised_map(geometry: Geometry, onto: Geometry) -> np.ndarray:
-    """(4, 4) matrix: normalised coordinates on ``geometry`` -> those of the same world point on ``onto``."""
-    return (onto.world_to_normalised_matrix @ geometry.index_to_world_matrix
-            @ np.linalg.inv(geometry.index_to_normalised_matrix))
+def _normalised_to_world(geometry: Geometry) -> np.ndarray:
+    """(4, 4) matrix: normalised (``grid_sample``) coordinates on ``geometry`` -> world (LPS mm)."""
+    return geometry.index_to_world_matrix @ np.linalg.inv(geometry.index_to_normalised_matrix)
+
+
+def _normalised_map(geometry: Geometry, onto: Geometry, matrix: np.ndarray | None = None) -> np.ndarray:
+    """(4, 4) matrix: normalised coordinates on ``geometry`` -> those of the same world point on
+    ``onto`` (of its image ``A x`` under the world affine ``matrix`` when one is given)."""
+    to_world = _normalised_to_world(geometry)
+    if matrix is not None:
+        to_world = matrix @ to_world
+    return onto.world_to_normalised_matrix @ to_world
 
 
 def _sampling_grid(geometry: Geometry, onto: Geometry, displacement_lps_mm: np.ndarray | None = None,
@@ -384,8 +392,7 @@ def _affine_field(matrix_4x4: np.ndarray, geometry: Geometry, device=None) -> to
     voxel's normalised coordinates, so float32 ``affine_grid`` evaluates it directly instead of
     building float64 world coordinates of every voxel (a 1 mm brain: 0.1 s instead of 1.3 s).
     """
-    normalised_to_world = geometry.index_to_world_matrix @ np.linalg.inv(geometry.index_to_normalised_matrix)
-    theta = torch.as_tensor((matrix_4x4 @ normalised_to_world)[:3], dtype=torch.float32, device=device)[None]
+    theta = torch.as_tensor((matrix_4x4 @ _normalised_to_world(geometry))[:3], dtype=torch.float32, device=device)[None]
     return F.affine_grid(theta, (1, 1) + tuple(geometry.shape), align_corners=True)[0]
 
 
@@ -422,9 +429,7 @@ def warp_image_affine(source: Image, target_geometry: Geometry, matrix: np.ndarr
     ``matrix`` takes a target point to its source point (LPS mm). One ``affine_grid``: no dense
     displacement is built.
     """
-    matrix = _check_affine(matrix)
-    theta = (source.geometry.world_to_normalised_matrix @ matrix @ target_geometry.index_to_world_matrix
-             @ np.linalg.inv(target_geometry.index_to_normalised_matrix))
+    theta = _normalised_map(target_geometry, source.geometry, _check_affine(matrix))
     theta_t = torch.as_tensor(theta[:3], dtype=torch.float32, device=source.data.device)[None]
     grid = F.affine_grid(theta_t, (1, 1) + tuple(target_geometry.shape), align_corners=True)
     return Image(_sample(source.data, grid, mode, padding_mode), target_geometry)
