@@ -4,6 +4,9 @@ Why matrices: on a CPU, a box or Gaussian filter along one axis expressed as a p
 a banded (n, n) matrix runs on BLAS and is 2-3x faster, forward and backward, than
 ``avg_pool3d``/``conv3d`` (measured on a 97x115x97 volume, 2 cores). It is also exactly
 linear and self-adjoint for symmetric kernels, so autograd's backward pass is the same cost.
+A box much narrower than its axis (NCC's windows on the finest levels) is cheaper still as
+shifted sums: about 2r + 1 memory-bound adds per voxel instead of n multiply-adds
+(:func:`box_filter` chooses per axis).
 """
 from __future__ import annotations
 
@@ -50,12 +53,32 @@ def separable_filter(x: torch.Tensor, mz: torch.Tensor, my: torch.Tensor, mx: to
     Each matrix ``m`` of shape (n_out, n_in) maps ``out[i] = sum_j m[i, j] * in[j]`` along its
     axis, so non-square matrices resample as they filter.
     """
-    n, c = x.shape[:2]
-    out = torch.matmul(x, mx.T)  # along X
-    out = torch.matmul(my, out)  # along Y: (Y', Y) @ (..., Y, X')
-    z_out, y_out, x_out = mz.shape[0], out.shape[3], out.shape[4]
-    out = torch.matmul(mz, out.reshape(n, c, out.shape[2], y_out * x_out)).reshape(n, c, z_out, y_out, x_out)
+    return _along(_along(_along(x, mx, 4), my, 3), mz, 2)
+
+
+def _window_sum(x: torch.Tensor, dim: int, radius: int) -> torch.Tensor:
+    """Sum over ``[i - radius, i + radius]`` along ``dim``, truncated at the border (2 radius shifted adds)."""
+    n = x.shape[dim]
+    out = x.clone()
+    for shift in range(1, min(radius, n - 1) + 1):
+        out.narrow(dim, 0, n - shift).add_(x.narrow(dim, shift, n - shift))
+        out.narrow(dim, shift, n - shift).add_(x.narrow(dim, 0, n - shift))
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _inverse_counts_cached(n: int, window: int) -> torch.Tensor:
+    i = torch.arange(n)
+    radius = window // 2
+    counts = (i + radius).clamp(max=n - 1) - (i - radius).clamp(min=0) + 1
+    return 1.0 / counts.to(torch.float32)
+
+
+def _sums_cheaper(n: int, window: int) -> bool:
+    # A banded (n, n) product costs ~n multiply-adds per voxel on BLAS, the shifted adds ~window
+    # memory-bound adds, each ~5x dearer (measured, 97 x 115 x 97 x 6 maps, 2 cores: a window of 5
+    # is 3.4 ms per axis against 13 ms).
+    return 5 * window < n
 
 
 def box_filter(x: torch.Tensor, window: int | tuple, *, transpose: bool = False) -> torch.Tensor:
@@ -64,13 +87,40 @@ def box_filter(x: torch.Tensor, window: int | tuple, *, transpose: bool = False)
 
     ``transpose=True`` applies the adjoint filter (rows are normalised, so near the border the
     filter is not symmetric); used by hand-written backward passes.
+
+    Along an axis much longer than the window the sum is taken by shifted adds and divided by
+    the number of voxels summed (the window's sum is symmetric, so its adjoint divides first);
+    otherwise by a product with :func:`box_matrix`. Both are the same operator, to rounding.
     """
-    _, _, z, y, xs = x.shape
     windows = (window,) * 3 if isinstance(window, int) else tuple(window)
-    mats = [box_matrix(n, w, x.device).to(x.dtype) for n, w in zip((z, y, xs), windows)]
-    if transpose:
-        mats = [m.T for m in mats]
-    return separable_filter(x, *mats)
+    out = x
+    for axis, w in enumerate(windows):
+        dim = axis + 2
+        n = x.shape[dim]
+        if w <= 1 or n == 1:
+            continue
+        if _sums_cheaper(n, w):
+            shape = [1] * x.dim()
+            shape[dim] = n
+            inverse = _inverse_counts_cached(int(n), int(w)).to(device=x.device, dtype=x.dtype).view(shape)
+            if transpose:
+                out = _window_sum(out * inverse, dim, w // 2)
+            else:
+                out = _window_sum(out, dim, w // 2).mul_(inverse)
+        else:
+            matrix = box_matrix(n, w, x.device).to(x.dtype)
+            out = _along(out, matrix.T if transpose else matrix, dim)
+    return x.clone() if out is x else out  # never the input itself (callers may write to the result)
+
+
+def _along(x: torch.Tensor, matrix: torch.Tensor, dim: int) -> torch.Tensor:
+    """``out[..., i, ...] = sum_j matrix[i, j] x[..., j, ...]`` along ``dim`` (2, 3 or 4 of a 5-D tensor)."""
+    if dim == 4:
+        return torch.matmul(x, matrix.T)
+    if dim == 3:
+        return torch.matmul(matrix, x)  # (Y', Y) @ (..., Y, X)
+    n, c, z, y, xs = x.shape
+    return torch.matmul(matrix, x.reshape(n, c, z, y * xs)).reshape(n, c, matrix.shape[0], y, xs)
 
 
 def gaussian_blur(x: torch.Tensor, sigma_zyx) -> torch.Tensor:

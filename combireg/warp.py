@@ -17,6 +17,7 @@ from .image import Image
 
 __all__ = [
     "identity_grid",
+    "grid_sample_3d",
     "warp_normalised",
     "normalised_per_mm",
     "normalised_to_lps_mm",
@@ -54,13 +55,41 @@ def identity_grid(shape_zyx, device=None, dtype=torch.float32) -> torch.Tensor:
     return torch.stack([xx, yy, zz], dim=-1)[None]
 
 
+# Below this many output voxels a single call is cheaper than cutting the grid into slabs.
+_SLAB_MIN_VOXELS = 1 << 16
+
+
+def grid_sample_3d(image: torch.Tensor, grid: torch.Tensor, *, mode: str = "bilinear",
+                   padding_mode: str = "border") -> torch.Tensor:
+    """``F.grid_sample`` (``align_corners=True``) of a 5-D ``image`` at ``grid`` (N, Z, Y, X, 3).
+
+    Why not the call itself: PyTorch's 3-D CPU kernel parallelises over the batch only, so one
+    volume ran on one core. On a CPU a single volume's grid is cut into slabs of output rows that
+    are sampled as a batch of the same (expanded, not copied) image: the same values, on every
+    thread (measured, 97 x 115 x 97 voxels, two channels, 2 cores: forward and backward 83 -> 49 ms).
+    """
+    parts = torch.get_num_threads() if image.device.type == "cpu" and image.shape[0] == 1 == grid.shape[0] else 1
+    rows = grid.shape[1]
+    parts = min(parts, rows)
+    if parts <= 1 or grid.shape[1:4].numel() < _SLAB_MIN_VOXELS:
+        return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    per_slab = -(-rows // parts)
+    pad = per_slab * parts - rows
+    if pad:
+        grid = torch.cat([grid, grid[:, -1:].expand(-1, pad, -1, -1, -1)], dim=1)
+    slabs = grid.reshape(parts, per_slab, *grid.shape[2:])
+    out = F.grid_sample(image.expand(parts, *image.shape[1:]), slabs, mode=mode, padding_mode=padding_mode,
+                        align_corners=True)
+    out = out.transpose(0, 1).reshape(1, image.shape[1], parts * per_slab, *out.shape[3:])
+    return out[:, :, :rows] if pad else out
+
+
 def warp_normalised(image: torch.Tensor, displacement: torch.Tensor, grid: torch.Tensor | None = None,
                     *, mode: str = "bilinear", padding_mode: str = "border") -> torch.Tensor:
     """Sample ``image`` (N, C, Z, Y, X) at identity + ``displacement`` (N, 3, Z, Y, X), normalised units."""
     if grid is None:
         grid = identity_grid(displacement.shape[2:], displacement.device, displacement.dtype)
-    return F.grid_sample(image, grid + displacement.permute(0, 2, 3, 4, 1), mode=mode,
-                         padding_mode=padding_mode, align_corners=True)
+    return grid_sample_3d(image, grid + displacement.permute(0, 2, 3, 4, 1), mode=mode, padding_mode=padding_mode)
 
 
 def normalised_per_mm(geometry: Geometry) -> np.ndarray:
@@ -75,7 +104,7 @@ def normalised_to_lps_mm(displacement: torch.Tensor, geometry: Geometry) -> np.n
     to_mm = torch.as_tensor(np.linalg.inv(normalised_per_mm(geometry)), dtype=displacement.dtype,
                             device=displacement.device)
     vec = displacement[0].permute(1, 2, 3, 0)  # (Z, Y, X, 3)
-    return (vec @ to_mm.T).detach().cpu().numpy().astype(np.float32)
+    return np.asarray((vec @ to_mm.T).detach().cpu().numpy(), dtype=np.float32)  # no copy when float32
 
 
 def lps_mm_to_normalised(displacement_lps_mm: np.ndarray, geometry: Geometry, device=None) -> torch.Tensor:
@@ -110,18 +139,35 @@ def _normalised_map(geometry: Geometry, onto: Geometry, matrix: np.ndarray | Non
     return onto.world_to_normalised_matrix @ to_world
 
 
+def _affine_grid(theta: np.ndarray, shape_zyx, device=None) -> torch.Tensor:
+    """``F.affine_grid(theta, align_corners=True)`` of one (3, 4) matrix on a (Z, Y, X) grid:
+    (1, Z, Y, X, 3) float32.
+
+    Why not ``F.affine_grid``: it multiplies a (Z Y X, 4) float32 base grid by theta, ~0.15 s for a
+    1 mm brain on 2 cores. The map is a sum of one term per axis, so the output is one broadcast
+    add of a (Z, Y) table (formed in float64) and an X table: one pass, a few times faster, and
+    no less exact.
+    """
+    theta = np.asarray(theta, dtype=np.float64)
+    axes = [np.linspace(-1.0, 1.0, n) if n > 1 else np.zeros(1) for n in reversed(tuple(shape_zyx))]  # x, y, z
+    along_x = axes[0][:, None] * theta[:, 0]
+    along_zy = (axes[2][:, None, None] * theta[:, 2] + theta[:, 3]) + axes[1][None, :, None] * theta[:, 1]
+    along_x = torch.as_tensor(along_x, dtype=torch.float32, device=device)
+    along_zy = torch.as_tensor(along_zy, dtype=torch.float32, device=device)
+    return (along_zy[:, :, None, :] + along_x[None, None, :, :])[None]
+
+
 def _sampling_grid(geometry: Geometry, onto: Geometry, displacement_lps_mm: np.ndarray | None = None,
                    device=None) -> torch.Tensor:
     """Where every voxel x of ``geometry`` (moved to x + u(x)) lies on ``onto``: a ``grid_sample``
     grid (1, Z, Y, X, 3), float32.
 
-    Why ``affine_grid``: the identity part is one affine map (output normalised -> output index
+    Why :func:`_affine_grid`: the identity part is one affine map (output normalised -> output index
     -> world -> ``onto`` normalised) and a displacement adds its world vector through ``onto``'s
     linear part, so no float64 world coordinates of every voxel are built (a 1 mm brain: 0.7 s
     instead of 2.2 s of CPU; the grid agrees with the float64 one within a few float32 ulps).
     """
-    theta = torch.as_tensor(_normalised_map(geometry, onto)[:3], dtype=torch.float32, device=device)[None]
-    grid = F.affine_grid(theta, (1, 1) + tuple(geometry.shape), align_corners=True)
+    grid = _affine_grid(_normalised_map(geometry, onto)[:3], geometry.shape, device)
     if displacement_lps_mm is not None:
         per_mm = torch.as_tensor(onto.world_to_normalised_matrix[:3, :3], dtype=torch.float32, device=device)
         u = torch.as_tensor(np.asarray(displacement_lps_mm, dtype=np.float32), device=device)
@@ -130,8 +176,7 @@ def _sampling_grid(geometry: Geometry, onto: Geometry, displacement_lps_mm: np.n
 
 
 def _sample(data: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
-    return F.grid_sample(data[None].to(torch.float32), grid, mode=mode, padding_mode=padding_mode,
-                         align_corners=True)[0]
+    return grid_sample_3d(data[None].to(torch.float32), grid, mode=mode, padding_mode=padding_mode)[0]
 
 
 def resample_image(image: Image, geometry: Geometry, *, mode: str = "bilinear",
@@ -175,8 +220,7 @@ def resample_field(displacement_lps_mm: np.ndarray, field_geometry: Geometry, ge
     if same_field_of_view(field_geometry, geometry) and min(geometry.size) > 1:
         out = F.interpolate(data, size=geometry.shape, mode="trilinear", align_corners=True)
     else:
-        out = F.grid_sample(data, _sampling_grid(geometry, field_geometry), mode="bilinear", padding_mode="border",
-                            align_corners=True)
+        out = grid_sample_3d(data, _sampling_grid(geometry, field_geometry), mode="bilinear", padding_mode="border")
     return out[0].permute(1, 2, 3, 0).contiguous().numpy()
 
 
@@ -388,12 +432,11 @@ def _determinant(u: np.ndarray, inv: np.ndarray) -> np.ndarray:
 def _affine_field(matrix_4x4: np.ndarray, geometry: Geometry, device=None) -> torch.Tensor:
     """``M @ [x, 1]`` (first three rows) at every voxel centre x of ``geometry``, (Z, Y, X, 3) float32.
 
-    Why ``affine_grid``: an affine function of the world point is an affine function of the
-    voxel's normalised coordinates, so float32 ``affine_grid`` evaluates it directly instead of
+    Why :func:`_affine_grid`: an affine function of the world point is an affine function of the
+    voxel's normalised coordinates, so it is evaluated directly instead of
     building float64 world coordinates of every voxel (a 1 mm brain: 0.1 s instead of 1.3 s).
     """
-    theta = torch.as_tensor((matrix_4x4 @ _normalised_to_world(geometry))[:3], dtype=torch.float32, device=device)[None]
-    return F.affine_grid(theta, (1, 1) + tuple(geometry.shape), align_corners=True)[0]
+    return _affine_grid((matrix_4x4 @ _normalised_to_world(geometry))[:3], geometry.shape, device)[0]
 
 
 def affine_displacement(matrix: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -430,8 +473,7 @@ def warp_image_affine(source: Image, target_geometry: Geometry, matrix: np.ndarr
     displacement is built.
     """
     theta = _normalised_map(target_geometry, source.geometry, _check_affine(matrix))
-    theta_t = torch.as_tensor(theta[:3], dtype=torch.float32, device=source.data.device)[None]
-    grid = F.affine_grid(theta_t, (1, 1) + tuple(target_geometry.shape), align_corners=True)
+    grid = _affine_grid(theta[:3], target_geometry.shape, source.data.device)
     return Image(_sample(source.data, grid, mode, padding_mode), target_geometry)
 
 
@@ -491,9 +533,12 @@ def undo_prealignment_inverse(matrix: np.ndarray, backward_lps_mm: np.ndarray, b
     ndarray, (Zs, Ys, Xs, 3) float32
         On ``source_geometry``: s -> ``A^-1 s + w(A^-1 s)`` (border values outside w's grid).
     """
-    to_registered = affine_displacement(np.linalg.inv(_check_affine(matrix)), source_geometry)
-    inverse = to_registered + sample_field_at(backward_lps_mm, backward_geometry, source_geometry, to_registered)
-    return inverse.astype(np.float32)
+    to_registered = np.linalg.inv(_check_affine(matrix))
+    inverse = torch.as_tensor(affine_displacement(to_registered, source_geometry))
+    # w at A^-1 s: one affine sampling grid (no dense offset field to add in)
+    field = Image(torch.as_tensor(np.asarray(backward_lps_mm, dtype=np.float32)).permute(3, 0, 1, 2), backward_geometry)
+    inverse += warp_image_affine(field, source_geometry, to_registered, padding_mode="border").data.permute(1, 2, 3, 0)
+    return inverse.numpy()
 
 
 def sample_field_at(displacement_lps_mm: np.ndarray, field_geometry: Geometry, geometry: Geometry,

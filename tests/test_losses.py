@@ -13,6 +13,26 @@ def test_box_filter_matches_avg_pool():
     np.testing.assert_allclose(box_filter(x, 5).numpy(), ref.numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("shape, window", [((1, 3, 40, 9, 33), 5), ((2, 1, 30, 31, 12), (3, 5, 7)), ((1, 2, 8, 60, 5), 9)])
+def test_box_filter_by_shifted_sums_is_the_matrix_operator_and_its_adjoint(shape, window):
+    # Long axes take shifted sums, short ones the banded matrix (filters._sums_cheaper): both
+    # must be the truncated box and its transpose.
+    from combireg.filters import box_matrix, separable_filter
+
+    x = torch.rand(shape, dtype=torch.float64)
+    windows = (window,) * 3 if isinstance(window, int) else window
+    mats = [box_matrix(n, w).double() for n, w in zip(shape[2:], windows)]
+    torch.testing.assert_close(box_filter(x, window), separable_filter(x, *mats), atol=1e-12, rtol=0)
+    torch.testing.assert_close(box_filter(x, window, transpose=True), separable_filter(x, *[m.T for m in mats]),
+                               atol=1e-12, rtol=0)
+    y = torch.rand(shape, dtype=torch.float64)
+    # <B x, y> = <x, B^T y>
+    assert float((box_filter(x, window) * y).sum()) == pytest.approx(float((x * box_filter(y, window, transpose=True)).sum()),
+                                                                     rel=1e-12)
+    xg = torch.rand((1, 1, 26, 4, 11), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: box_filter(t, 3), (xg,))
+
+
 def test_gaussian_blur_keeps_constants_and_smooths():
     x = torch.ones(1, 1, 10, 12, 14)
     np.testing.assert_allclose(gaussian_blur(x, (1.0, 2.0, 0.0)).numpy(), 1.0, atol=1e-6)

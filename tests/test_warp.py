@@ -204,3 +204,37 @@ def test_warp_image_affine_samples_the_source_at_a_x():
     exact = smooth_pattern(points.reshape(-1, 3), centre)
     assert inside.sum() > 1000
     assert np.abs(moved.data[0].numpy().reshape(-1)[inside] - exact[inside]).mean() < 0.02
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_grid_sample_3d_in_slabs_equals_one_call(threads, monkeypatch):
+    # The slabs (one per thread, the last padded) must give grid_sample's values and gradients.
+    import torch.nn.functional as F
+
+    monkeypatch.setattr(warp, "_SLAB_MIN_VOXELS", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    generator = torch.Generator().manual_seed(3)
+    image = torch.rand(1, 2, 9, 10, 11, generator=generator, requires_grad=True)
+    grid = (warp.identity_grid((7, 8, 6)) + 0.3 * torch.rand(1, 7, 8, 6, 3, generator=generator) - 0.15).requires_grad_(True)
+    for mode, padding in (("bilinear", "border"), ("nearest", "zeros")):
+        ours = warp.grid_sample_3d(image, grid, mode=mode, padding_mode=padding)
+        reference = F.grid_sample(image, grid, mode=mode, padding_mode=padding, align_corners=True)
+        assert torch.equal(ours, reference)
+    weights = torch.rand(ours.shape, generator=generator)
+    ours = warp.grid_sample_3d(image, grid)
+    grads = torch.autograd.grad((ours * weights).sum(), (image, grid))
+    reference = F.grid_sample(image, grid, padding_mode="border", align_corners=True)
+    expected = torch.autograd.grad((reference * weights).sum(), (image, grid))
+    torch.testing.assert_close(grads[0], expected[0], atol=1e-6, rtol=0)
+    assert torch.equal(grads[1], expected[1])
+
+
+def test_affine_grid_is_torch_affine_grid_in_float64(oblique_geometry):
+    import torch.nn.functional as F
+
+    theta = np.random.default_rng(5).normal(size=(3, 4))
+    for shape in ((13, 17, 11), (1, 9, 4), (6, 1, 1)):
+        ours = warp._affine_grid(theta, shape)
+        exact = F.affine_grid(torch.as_tensor(theta[None]), (1, 1) + shape, align_corners=True)
+        assert ours.dtype == torch.float32 and ours.shape == (1,) + shape + (3,)
+        torch.testing.assert_close(ours.double(), exact, atol=4e-7, rtol=0)
