@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -228,7 +229,10 @@ class OutputWriter:
 
         if "warped" in self.kinds and image is not None:
             for k in range(image.num_channels):
-                self._submit(io.write_image, self.folder / warped_name(k), image.channel(k))
+                # Stored, not deflated (gzip level 0, like the fields): a warped brain shrank by
+                # only ~16 % at level 1, for ~0.45 s of CPU per 1 mm channel at the end of the run.
+                self._submit(partial(io.write_image, compression_level=0), self.folder / warped_name(k),
+                             image.channel(k))
 
     def correspondence_weight(self, image) -> None:
         """:data:`CORRESPONDENCE_WEIGHT_NAME` (an Image; None: nothing)."""

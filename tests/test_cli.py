@@ -193,3 +193,53 @@ def test_run_with_a_drn_init_end_to_end(tmp_path, fast_params):
         assert res.exit_code == 2, res.output
         assert len(res.output.strip().splitlines()) == 1 and message in res.output
         assert not bad_out.exists()
+
+
+def _console(*args):
+    """The console script's entry in a fresh interpreter (it ends the process itself)."""
+    import subprocess
+    import sys
+
+    code = "import sys; from combireg.cli.main import console_main; sys.argv = ['combireg'] + sys.argv[1:]; console_main()"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+
+
+def test_console_script_exit_codes_and_flushed_output(tmp_path, fast_params):
+    # The fast exit (os._exit after the atexit handlers) must keep exit codes and every line.
+    version = _console("--version")
+    assert version.returncode == 0 and version.stdout.startswith("combireg, version")
+    bad = _console("run", tmp_path / "missing.nii.gz", TGT, "-o", tmp_path / "out")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [f"combireg: error: {tmp_path / 'missing.nii.gz'}: no such file"]
+    assert not (tmp_path / "out").exists()
+    usage = _console("run")
+    assert usage.returncode == 2 and "Missing argument" in usage.stderr
+    out = tmp_path / "run"
+    done = _console("run", SRC, TGT, "-p", fast_params, "-o", out, "-q", "--outputs", "field")
+    assert done.returncode == 0, done.stderr
+    assert "results in" in done.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["field.nii.gz", "params.txt", "report.json"]
+    assert json.loads((out / "report.json").read_text())["outputs"] == ["field"]
+
+
+def test_console_exit_waits_for_a_running_thread(monkeypatch):
+    # With a non-daemon thread alive the interpreter's own exit (which joins it) is kept.
+    import threading
+
+    from combireg.cli import main as main_module
+
+    monkeypatch.setattr(main_module, "_keep_freed_memory", lambda: None)  # not for pytest's own process
+    release = threading.Event()
+    worker = threading.Thread(target=release.wait)
+    worker.start()
+    try:
+        assert main_module._other_threads()
+        monkeypatch.setattr("sys.argv", ["combireg", "--version"])
+        with pytest.raises(SystemExit) as exit_info:
+            main_module.console_main()
+        assert exit_info.value.code == 0
+    finally:
+        release.set()
+        worker.join()
+    assert not main_module._other_threads()
