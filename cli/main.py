@@ -76,7 +76,7 @@ def _keep_freed_memory() -> None:
     back is then faulted in page by page again, and on a 2-core VM a first touch cost ~0.8 s per
     GB (measured). Fixing the threshold at its largest value (32 MB) and never trimming made a
     1 mm ``combireg run`` 1.1 s faster (mean of three: 14.9 s against 16.0 s) at the same peak
-    memory (2.1 GB); turning mappings off altogether was as fast but raised the peak by 20-40 %.
+    memory (2.1 GB); turning mappings off altogether was as fast but raised the peak by up to 44 %.
     Elsewhere than glibc (or if the call fails) nothing changes.
     """
     if not sys.platform.startswith("linux"):

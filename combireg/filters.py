@@ -19,12 +19,22 @@ __all__ = ["box_matrix", "gaussian_matrix", "resize_matrix", "separable_filter",
 
 
 @functools.lru_cache(maxsize=64)
+def _inverse_counts_cached(n: int, window: int) -> torch.Tensor:
+    """1 / the number of voxels a centred window of ``window`` covers at each of ``n`` positions
+    (truncated at the border): the normalisation of :func:`box_matrix` and of the shifted sums."""
+    i = torch.arange(n)
+    radius = window // 2
+    counts = (i + radius).clamp(max=n - 1) - (i - radius).clamp(min=0) + 1
+    return 1.0 / counts.to(torch.float32)
+
+
+@functools.lru_cache(maxsize=64)
 def _box_matrix_cached(n: int, window: int) -> torch.Tensor:
     i = torch.arange(n)
     band = ((i[:, None] - i[None, :]).abs() <= window // 2).to(torch.float32)
     # Row-normalised: near the border the mean is over the voxels that exist, so local
     # statistics (and NCC) are not biased by padding zeros.
-    return band / band.sum(dim=1, keepdim=True)
+    return band * _inverse_counts_cached(n, window)[:, None]
 
 
 def box_matrix(n: int, window: int, device=None) -> torch.Tensor:
@@ -64,14 +74,6 @@ def _window_sum(x: torch.Tensor, dim: int, radius: int) -> torch.Tensor:
         out.narrow(dim, 0, n - shift).add_(x.narrow(dim, shift, n - shift))
         out.narrow(dim, shift, n - shift).add_(x.narrow(dim, 0, n - shift))
     return out
-
-
-@functools.lru_cache(maxsize=64)
-def _inverse_counts_cached(n: int, window: int) -> torch.Tensor:
-    i = torch.arange(n)
-    radius = window // 2
-    counts = (i + radius).clamp(max=n - 1) - (i - radius).clamp(min=0) + 1
-    return 1.0 / counts.to(torch.float32)
 
 
 def _sums_cheaper(n: int, window: int) -> bool:

@@ -469,8 +469,8 @@ def warp_image_affine(source: Image, target_geometry: Geometry, matrix: np.ndarr
                       mode: str = "bilinear", padding_mode: str = "zeros") -> Image:
     """Resample ``source`` onto ``target_geometry`` through an affine: the value at x is ``source(A x)``.
 
-    ``matrix`` takes a target point to its source point (LPS mm). One ``affine_grid``: no dense
-    displacement is built.
+    ``matrix`` takes a target point to its source point (LPS mm). One affine sampling grid
+    (:func:`_affine_grid`): no dense displacement is built.
     """
     theta = _normalised_map(target_geometry, source.geometry, _check_affine(matrix))
     grid = _affine_grid(theta[:3], target_geometry.shape, source.data.device)
