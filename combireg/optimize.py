@@ -39,7 +39,7 @@ from .errors import CombiregError
 from .filters import gaussian_blur, smooth_and_resize
 from .geometry import Geometry
 from .image import Image
-from .losses import gradient_regulariser, local_stats, weighted_similarity
+from .losses import local_stats, regularisers, weighted_similarity
 from .params import Settings
 from .pyramid import Level, pyramid_levels
 from .warp import (
@@ -565,6 +565,7 @@ def _optimise_level(src: torch.Tensor, tgt: torch.Tensor, forward: torch.Tensor,
     lr = settings.learning_rate[level]
     window = settings.ncc_window[level] if window is None else window
     lam = settings.regularization_weight[level]
+    beta = settings.bending_weight[level] if level < len(settings.bending_weight) else settings.bending_weight[0]
     mu = settings.inverse_consistency_weight if backward is not None else 0.0
     if weights is None:
         weights = _MetricWeights(tuple(settings.metric_weights), False, 1)
@@ -646,16 +647,19 @@ def _optimise_level(src: torch.Tensor, tgt: torch.Tensor, forward: torch.Tensor,
             sim = sum(w * value for w, value in zip(weights.effective, per_metric) if w)
         else:
             sim = sim_f + (sim_b if backward is not None else 0.0)
-        reg = gradient_regulariser(forward, scale)
-        if backward is not None:
-            reg = reg + gradient_regulariser(backward, scale)
         loss = sim
         if mu > 0:
             ic = _ic_residual(disp_f, disp_b, grid, half_extent) + _ic_residual(disp_b, disp_f, grid, half_extent)
             loss = loss + mu * ic
             terms["inverse_consistency_mm2"] = float(ic.detach())
-        loss = loss + lam * reg
-        terms["regularisation"] = float(reg.detach())
+        penalty, first, second = regularisers(forward, scale, level_geometry.spacing, lam, beta)
+        if backward is not None:
+            penalty_b, first_b, second_b = regularisers(backward, scale, level_geometry.spacing, lam, beta)
+            penalty, first, second = penalty + penalty_b, first + first_b, second + second_b
+        loss = loss + penalty
+        terms["regularisation"] = first
+        if beta > 0:
+            terms["bending"] = second
         loss.backward()
         optimiser.step()
         loss_value = float(loss.detach())

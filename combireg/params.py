@@ -119,8 +119,16 @@ SCHEMA: tuple[KeySpec, ...] = (
         minimum=4,
     ),
     KeySpec(
-        "RegularizationWeight", "float", "per-level", ("0.3", "0.3", "0.1"),
+        "RegularizationWeight", "float", "per-level", ("0.3", "0.1", "0.05"),
         "lambda of the diffusion regulariser lambda * |grad u|^2, >= 0, per resolution.",
+        minimum=0.0,
+    ),
+    KeySpec(
+        "BendingEnergyWeight", "float", "per-level", ("2",),
+        "beta in mm^2 of the bending regulariser beta * sum_a |d^2 u / dx_a^2|^2 (mean squared second "
+        "derivatives of the field along each grid axis, in 1/mm): zero for any affine field, so it smooths "
+        "without resisting a large, smooth compression or expansion such as a tumour's mass effect, which "
+        "lets RegularizationWeight be lower; >= 0, per resolution.",
         minimum=0.0,
     ),
     KeySpec(
@@ -371,6 +379,8 @@ class Settings:
     # Why a default: fields added after the first release keep direct construction working;
     # settings_from_map always gives one value per level.
     histogram_bins: tuple[int, ...] = (32,)
+    #: beta of the bending-energy term per level (BendingEnergyWeight).
+    bending_weight: tuple[float, ...] = (0.0,)  # 0: direct construction keeps the former model
     #: Level spacing in mm per level (PyramidSpacing); empty: ``pyramid_schedule`` (voxels) rules.
     pyramid_spacing: tuple[float, ...] = ()
     #: Local NCC window width in mm per level (NCCWindowWidth); empty: ``ncc_window`` (voxels) rules.
@@ -399,6 +409,7 @@ class Settings:
             pm["NCCWindowSize"] = tuple(str(int(v)) for v in self.ncc_window)
         pm["NumberOfHistogramBins"] = tuple(str(int(v)) for v in self.histogram_bins)
         pm["RegularizationWeight"] = tuple(_fmt_float(v) for v in self.regularization_weight)
+        pm["BendingEnergyWeight"] = tuple(_fmt_float(v) for v in self.bending_weight)
         pm["NumberOfResolutions"] = (str(int(self.num_levels)),)
         if self.pyramid_spacing:
             pm["PyramidSpacing"] = tuple(_fmt_float(v) for v in self.pyramid_spacing)
@@ -467,6 +478,7 @@ class Settings:
 _PER_LEVEL_FIELDS = {
     "histogram_bins": "NumberOfHistogramBins",
     "regularization_weight": "RegularizationWeight",
+    "bending_weight": "BendingEnergyWeight",
     "iterations": "MaximumNumberOfIterations",
     "learning_rate": "LearningRate",
 }

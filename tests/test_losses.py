@@ -245,3 +245,71 @@ def test_weighted_similarity_combines_all_metrics_with_mi():
     assert terms["MI"] == pytest.approx(float(losses.mutual_information(a, b, bins=16)), rel=1e-6)
     assert terms["MI"] != pytest.approx(float(losses.mutual_information(a, b)), rel=1e-3)  # bins reached MI
     assert float(total) == pytest.approx(sum(w * terms[n] for w, n in zip((0.1, 0.2, 0.3, 0.4), names)), rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Bending energy
+# --------------------------------------------------------------------------------------------
+
+def test_bending_regulariser_matches_autograd_reference():
+    g = torch.Generator().manual_seed(8)
+    u = torch.rand(1, 3, 6, 7, 8, generator=g, dtype=torch.float64).requires_grad_()
+    scale = torch.rand(3, 3, generator=g, dtype=torch.float64) + 0.5
+    spacing = (0.8, 1.3, 2.5)
+    ref = sum(((torch.diff(u, n=2, dim=dim) * (scale[a] / spacing[a]).view(1, 3, 1, 1, 1)) ** 2).mean() * 3
+              for a, dim in enumerate((4, 3, 2)))
+    (g_ref,) = torch.autograd.grad(ref, u)
+    value = losses.bending_regulariser(u, scale, spacing)
+    (g_val,) = torch.autograd.grad(value, u)
+    assert float(value.detach()) == pytest.approx(float(ref.detach()), rel=1e-12)
+    np.testing.assert_allclose(g_val.numpy(), g_ref.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def _world_field(geometry, function):
+    from combireg import warp
+
+    x = geometry.world_grid() - np.asarray(geometry.origin)
+    normalised = function(x) @ warp.normalised_per_mm(geometry).T  # float64 throughout
+    return torch.as_tensor(np.moveaxis(normalised, -1, 0)[None].copy())
+
+
+def test_bending_regulariser_is_zero_for_affine_world_fields_on_an_oblique_grid(oblique_geometry):
+    from combireg import warp
+
+    g = oblique_geometry
+    matrix = np.array([[0.05, 0.02, -0.01], [0.0, -0.04, 0.03], [0.02, 0.01, 0.06]])
+    affine = _world_field(g, lambda x: x @ matrix.T + np.array([3.0, -2.0, 1.0]))
+    value = losses.bending_regulariser(affine, warp.gradient_scale(g).double(), g.spacing)
+    assert float(value) == pytest.approx(0.0, abs=1e-12)
+    assert float(losses.gradient_regulariser(affine, warp.gradient_scale(g).double())) > 1e-3
+
+
+def test_bending_regulariser_is_in_physical_units_on_any_spacing():
+    from combireg import warp
+    from combireg.geometry import Geometry
+
+    # u = (k x_L^2, 0, 0) in world mm on axis-aligned grids: d^2 u_L / dx_L^2 = 2k, so the value
+    # is (2k)^2 whatever the spacing (the second difference of a quadratic is exact).
+    k = 0.01
+    values = []
+    for spacing in ((1.0, 1.0, 1.0), (2.0, 1.5, 4.0)):
+        geometry = Geometry((20, 18, 12), origin=(-10.0, 5.0, 3.0), spacing=spacing)
+        field = _world_field(geometry, lambda x: np.stack([k * x[..., 0] ** 2, 0 * x[..., 0], 0 * x[..., 0]], -1))
+        values.append(float(losses.bending_regulariser(field, warp.gradient_scale(geometry).double(), spacing)))
+    assert values == pytest.approx([(2 * k) ** 2] * 2, rel=1e-9)
+
+
+def test_regularisers_in_one_pass_equal_the_two_terms():
+    g = torch.Generator().manual_seed(9)
+    u = torch.rand(1, 3, 7, 6, 9, generator=g, dtype=torch.float64).requires_grad_()
+    spacing = (1.5, 1.2, 2.0)
+    half_extent = torch.rand(3, generator=g, dtype=torch.float64) + 0.5
+    scale = half_extent[None, :] / torch.tensor(spacing, dtype=torch.float64)[:, None]
+    total, first, second = losses.regularisers(u, scale, spacing, 0.05, 2.0)
+    (g_total,) = torch.autograd.grad(total, u)
+    first_ref = losses.gradient_regulariser(u, scale)
+    second_ref = losses.bending_regulariser(u, scale, spacing)
+    (g_ref,) = torch.autograd.grad(0.05 * first_ref + 2.0 * second_ref, u)
+    assert (first, second) == pytest.approx((float(first_ref.detach()), float(second_ref.detach())), rel=1e-12)
+    assert float(total.detach()) == pytest.approx(0.05 * first + 2.0 * second, rel=1e-12)
+    np.testing.assert_allclose(g_total.numpy(), g_ref.numpy(), rtol=1e-10, atol=1e-15)

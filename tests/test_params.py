@@ -148,7 +148,7 @@ def test_default_settings_values():
     assert s.metrics == ("MSE", "NCC")
     assert s.metric_weights == (0.5, 0.5)
     assert s.ncc_window_mm == (30.0, 14.0, 9.0) and s.ncc_window == ()
-    assert s.regularization_weight == (0.3, 0.3, 0.1)
+    assert s.regularization_weight == (0.3, 0.1, 0.05) and s.bending_weight == (2.0, 2.0, 2.0)
     assert s.num_levels == 3
     assert s.pyramid_spacing == (8.0, 4.0, 2.0) and s.pyramid_schedule == ()
     assert s.iterations == (150, 80, 30)
@@ -406,7 +406,7 @@ def test_default_parameter_map_lists_every_key():
     pm = default_parameter_map()
     assert list(pm) == [
         "Metric", "Metric0Weight", "Metric1Weight", "NCCWindowWidth", "NumberOfHistogramBins", "RegularizationWeight",
-        "NumberOfResolutions", "PyramidSpacing", "MaximumNumberOfIterations",
+        "BendingEnergyWeight", "NumberOfResolutions", "PyramidSpacing", "MaximumNumberOfIterations",
         "LearningRate", "WarmUpIterations", "Optimizer", "Bidirectional", "InverseConsistencyWeight", "MetricWeighting",
         "MetricWeightingInterval", "CorrespondenceWeighting", "CorrespondenceErrorScale", "CorrespondenceSmoothing",
         "CorrespondenceMaximumExclusion", "CorrespondenceUpdateInterval", "PreAlignment",
@@ -455,6 +455,10 @@ def test_replace_refits_levels_and_weights():
 # --------------------------------------------------------------------------------------------
 
 
+#: The presets measured before the bending term keep the diffusion term they were measured with.
+FORMER_REGULARISATION = {"regularization_weight": (0.3, 0.3, 0.1), "bending_weight": (0.0,)}
+
+
 @pytest.mark.parametrize("name", ["default.txt", "paper_io.txt", "mse.txt", "ncc.txt", "mi.txt", "drn_io.txt",
                                   "drn_only.txt", "diffeomorphic.txt", "cross_sequence.txt"])
 def test_presets_parse_and_start_with_a_header(name):
@@ -467,11 +471,14 @@ def test_presets_parse_and_start_with_a_header(name):
 
 
 def test_diffeomorphic_preset_is_the_default_with_a_velocity_field():
-    assert load_settings(PRESETS / "diffeomorphic.txt") == default_settings().replace(transform="Diffeomorphic")
+    # with the regularisation it was measured with (the default's until the bending term came)
+    assert load_settings(PRESETS / "diffeomorphic.txt") == default_settings().replace(transform="Diffeomorphic",
+                                                                                     **FORMER_REGULARISATION)
 
 
 def test_cross_sequence_preset_is_the_default_with_a_narrower_finest_ncc_window():
-    assert load_settings(PRESETS / "cross_sequence.txt") == default_settings().replace(ncc_window_mm=(30.0, 14.0, 6.0))
+    assert load_settings(PRESETS / "cross_sequence.txt") == default_settings().replace(ncc_window_mm=(30.0, 14.0, 6.0),
+                                                                                      **FORMER_REGULARISATION)
 
 
 def test_default_preset_equals_defaults():
@@ -493,7 +500,7 @@ def test_single_metric_presets(name, metric):
     s = load_settings(PRESETS / name)
     assert s.metrics == (metric,) and s.metric_weights == (1.0,)
     # Everything else is the default.
-    defaults = default_settings().replace(metrics=(metric,))
+    defaults = default_settings().replace(metrics=(metric,), **FORMER_REGULARISATION)
     assert s == defaults
 
 
@@ -502,7 +509,8 @@ def test_mi_preset():
     assert s.metrics == ("MI",) and s.metric_weights == (1.0,)
     assert s.histogram_bins == (32, 32, 32) and s.regularization_weight == (3.0, 3.0, 1.0)
     # Everything else is the default.
-    assert s == default_settings().replace(metrics=("MI",), regularization_weight=(3.0, 3.0, 1.0))
+    assert s == default_settings().replace(metrics=("MI",), regularization_weight=(3.0, 3.0, 1.0),
+                                           bending_weight=(0.0,))
 
 
 def test_histogram_bins_per_level_and_errors():
@@ -550,7 +558,7 @@ def test_cli_check_default_preset(cli):
     result = _invoke(cli, "params", "check", path)
     assert result.exit_code == 0, result.output
     assert result.stdout == (
-        f"{path}: OK (28 keys; metrics MSE+NCC 0.5/0.5, 3 resolutions, iterations 150 80 30)\n"
+        f"{path}: OK (29 keys; metrics MSE+NCC 0.5/0.5, 3 resolutions, iterations 150 80 30)\n"
     )
 
 
