@@ -334,9 +334,9 @@ def bending_regulariser(displacement: torch.Tensor, scale: torch.Tensor, spacing
     """Mean squared second derivatives of a displacement field along each grid axis.
 
     ``sum_a sum_c mean((d^2 u_c / dx_a^2)^2)`` in 1 / mm^2: the diagonal of the Hessian's
-    bending energy (the mixed derivatives left out: with them, measured on the varied development
-    pairs, every weight that smoothed enough was less accurate than no bending term at all, across
-    sequences most). It is zero for every affine field, so unlike :func:`gradient_regulariser` it
+    bending energy. The mixed derivatives are left out: with them (beta 0.5, 1 and 2), measured on
+    the varied development pairs, the default was less accurate than before it had a bending term
+    (1.12-1.16 against 1.09 mm), most across sequences. It is zero for every affine field, so unlike :func:`gradient_regulariser` it
     does not resist a large, smooth compression or expansion (a tumour's mass effect, a cavity's
     collapse), only bending; elastix's B-spline baseline uses a bending penalty for the same reason.
 
@@ -362,7 +362,8 @@ def regularisers(displacement: torch.Tensor, scale: torch.Tensor, spacing, first
     """``lambda * |grad u|^2 + beta * bending`` in one pass, and the two terms' values.
 
     The second differences are differences of the first ones, and one adjoint difference per
-    axis carries both terms' gradients back (a third less work than the two separately).
+    axis carries both terms' gradients back: 18 ms per iteration for both on a 97 x 115 x 97
+    field with two threads, against 17 ms for the first-order term alone before.
 
     Parameters
     ----------
@@ -390,8 +391,8 @@ _AXIS_DIMS = (4, 3, 2)  # grid axes x, y, z are the last, middle and first spati
 
 
 def _weighted_squares(diff: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``3 * sum_c weights[c] * mean(diff_c^2)``: per-component norms, not a weighted copy (which
-    cost 9 of the 23 ms of a finest-level regulariser)."""
+    """``3 * sum_c weights[c] * mean(diff_c^2)`` through per-component norms: a weighted copy of
+    ``diff`` made the first-order term take 17 instead of 11.7 ms on a 97 x 115 x 97 field."""
     if diff.numel() == 0:
         return diff.new_zeros(())
     squares = torch.linalg.vector_norm(diff, dim=(0, 2, 3, 4)).square()
