@@ -565,7 +565,7 @@ def _optimise_level(src: torch.Tensor, tgt: torch.Tensor, forward: torch.Tensor,
     lr = settings.learning_rate[level]
     window = settings.ncc_window[level] if window is None else window
     lam = settings.regularization_weight[level]
-    beta = settings.bending_weight[level] if level < len(settings.bending_weight) else settings.bending_weight[0]
+    beta = settings.bending_weight[level]
     mu = settings.inverse_consistency_weight if backward is not None else 0.0
     if weights is None:
         weights = _MetricWeights(tuple(settings.metric_weights), False, 1)

@@ -380,7 +380,7 @@ class Settings:
     # settings_from_map always gives one value per level.
     histogram_bins: tuple[int, ...] = (32,)
     #: beta of the bending-energy term per level (BendingEnergyWeight).
-    bending_weight: tuple[float, ...] = (0.0,)  # 0: direct construction keeps the former model
+    bending_weight: tuple[float, ...] = (0.0,)
     #: Level spacing in mm per level (PyramidSpacing); empty: ``pyramid_schedule`` (voxels) rules.
     pyramid_spacing: tuple[float, ...] = ()
     #: Local NCC window width in mm per level (NCCWindowWidth); empty: ``ncc_window`` (voxels) rules.
