@@ -12,8 +12,8 @@ import torch
 
 from .filters import box_filter
 
-__all__ = ["mse", "local_ncc", "global_ncc", "mutual_information", "gradient_regulariser", "bending_regulariser",
-           "SIMILARITIES", "weighted_similarity"]
+__all__ = ["mse", "local_ncc", "global_ncc", "mutual_information", "normalised_gradient_fields",
+           "gradient_regulariser", "bending_regulariser", "SIMILARITIES", "weighted_similarity"]
 
 # Why so small: with intensities in [0, 1], a smooth region's local variance is ~1e-3..1e-4, so
 # var*var is ~1e-6..1e-8; VoxelMorph's 1e-5 would dominate there and reward warps that merely
@@ -285,25 +285,179 @@ class _JointHistogram(torch.autograd.Function):
         return grad, None, None, None
 
 
+
+
+
+# ------------------------------------------------------------------------------ gradient fields
+#: NGF's edge scale: a gradient weaker than this fraction of the image's mean gradient magnitude
+#: counts as noise, not as an edge direction (Haber and Modersitzki's epsilon, made relative so
+#: it needs no intensity units). Development cross-sequence pairs (seeds 200-202, T1/T2 and
+#: T1/FLAIR, MSE+NCC+NGF at 0.34/0.33/0.33): 0.25 gave 1.73 mm, 0.5 1.74 mm with fewer folding
+#: warnings, 1.0 1.79 mm.
+NGF_EDGE_FRACTION = 0.5
+
+
+def _half_steps(spacing) -> tuple[float, float, float]:
+    """Central-difference factors ``1 / (2 h)`` per tensor axis (z, y, x); ``spacing`` is ITK's (x, y, z)."""
+    if spacing is None:
+        return 0.5, 0.5, 0.5
+    sx, sy, sz = (float(s) for s in spacing)
+    if min(sx, sy, sz) <= 0:
+        raise ValueError(f"spacing must be positive, got {tuple(spacing)}")
+    return 0.5 / sz, 0.5 / sy, 0.5 / sx
+
+
+def _differences(image: torch.Tensor) -> list[torch.Tensor]:
+    """``I[k+1] - I[k-1]`` along z, y and x on the interior voxels (not yet divided by ``2 h``)."""
+    return [image[:, :, 2:, 1:-1, 1:-1] - image[:, :, :-2, 1:-1, 1:-1],
+            image[:, :, 1:-1, 2:, 1:-1] - image[:, :, 1:-1, :-2, 1:-1],
+            image[:, :, 1:-1, 1:-1, 2:] - image[:, :, 1:-1, 1:-1, :-2]]
+
+
+def _relative_squared_norm(diffs: list[torch.Tensor], steps) -> torch.Tensor:
+    """``(|g|^2 + eps^2) / f_z^2`` with ``g_k = f_k D_k`` and ``eps = NGF_EDGE_FRACTION * mean |g|``.
+
+    Divided by ``f_z^2`` so that on the usual isotropic grid no pass multiplies by the step.
+    """
+    ratios = [(f / steps[0]) ** 2 for f in steps]
+    squared = diffs[0] * diffs[0]
+    squared.addcmul_(diffs[1], diffs[1], value=ratios[1]).addcmul_(diffs[2], diffs[2], value=ratios[2])
+    eps = NGF_EDGE_FRACTION * squared.sqrt().mean(dim=(2, 3, 4), keepdim=True)
+    return squared.add_(eps * eps)
+
+
+def gradient_directions(image: torch.Tensor, spacing=None) -> tuple:
+    """The fixed image's half of :func:`normalised_gradient_fields`, computed once per level.
+
+    Returns
+    -------
+    tuple
+        For ``target_gradients`` (its contents are an implementation detail): the gradient on
+        the interior voxels in intensity per mm, each component times ``1 / (2 h)``, and
+        ``|gradient|^2 + eps^2``.
+    """
+    steps = _half_steps(spacing)
+    with torch.no_grad():
+        diffs = _differences(image.detach())
+        squared_norm = _relative_squared_norm(diffs, steps).mul_(steps[0] ** 2)
+        return [d.mul_(f * f) for d, f in zip(diffs, steps)], squared_norm
+
+
+def normalised_gradient_fields(warped: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, *,
+                               spacing=None, target_gradients: tuple | None = None, **_) -> torch.Tensor:
+    """``1 - mean(cos^2)`` of the angle between the two images' gradients (normalised gradient fields).
+
+    ``cos^2 = (grad I . grad J)^2 / ((|grad I|^2 + eps_I^2) (|grad J|^2 + eps_J^2))`` at every
+    interior voxel (Haber and Modersitzki, 2006): 0 where every edge of one image runs parallel
+    to an edge of the other, whichever side is brighter. So it aligns a T1 against a T2 or
+    FLAIR-like image by their edges, where MSE compares intensities that do not correspond and
+    local NCC's window spans several edges. ``eps`` (per image and channel,
+    :data:`NGF_EDGE_FRACTION` of its mean gradient magnitude) keeps noise in flat regions from
+    counting as edges; it is a constant of the current images, not differentiated.
+
+    Parameters
+    ----------
+    warped, target : Tensor, (N, C, Z, Y, X)
+        Gradients flow to ``warped`` only.
+    mask : Tensor, optional
+        Voxel weights broadcastable to ``warped``. The border voxels, which have no central
+        difference, are left out with or without one.
+    spacing : sequence of 3 float, optional
+        The grid's spacing in mm, ITK order (x, y, z), so that an anisotropic grid does not tilt
+        the gradient directions. Without it, voxel units.
+    target_gradients : tuple, optional
+        :func:`gradient_directions` of ``target`` with the same ``spacing``; the target does not
+        move during optimisation, so its gradient needs computing only once per level.
+
+    Returns
+    -------
+    Tensor
+        Scalar in [0, 1]; channels averaged.
+    """
+    if warped.dim() != 5 or min(warped.shape[2:]) < 3:
+        raise ValueError(f"NGF needs (N, C, Z, Y, X) with at least 3 voxels per axis, got {tuple(warped.shape)}")
+    if target_gradients is None:
+        target_gradients = gradient_directions(target, spacing)
+    gradient, squared_norm = target_gradients
+    weight = None if mask is None else mask.detach().expand_as(warped)[:, :, 1:-1, 1:-1, 1:-1]
+    return _NormalisedGradientFields.apply(warped, _half_steps(spacing), squared_norm, weight, *gradient)
+
+
+class _NormalisedGradientFields(torch.autograd.Function):
+    """NGF with a closed-form backward pass (2.4x faster than autograd, and fewer intermediates).
+
+    With ``D_k`` the warped image's central differences, ``f_k = 1 / (2 h_k)``, ``B_k = f_k b_k``
+    (``b`` the target's gradient), ``d = sum D_k B_k``, ``n = sum f_k^2 D_k^2 + eps_I^2``,
+    ``m = |b|^2 + eps_J^2`` and ``v = d^2 / (n m)``::
+
+        dv/dD_k = 2 d / (n m) (B_k - (d / n) f_k^2 D_k),
+
+    and the adjoint of ``D_k`` scatters each value to the two neighbours it was taken from.
+    ``n`` is kept divided by ``f_z^2`` (``n_z``), which spares a pass on isotropic grids.
+    """
+
+    @staticmethod
+    def forward(ctx, warped, steps, m, weight, b0, b1, b2):
+        diffs = _differences(warped)
+        d = diffs[0] * b0
+        d.addcmul_(diffs[1], b1).addcmul_(diffs[2], b2)
+        n_z = _relative_squared_norm(diffs, steps)
+        cos2 = d * d
+        cos2.div_(n_z).div_(m)
+        ctx.steps, ctx.shape = steps, warped.shape
+        ctx.save_for_backward(*diffs, b0, b1, b2, d, n_z, m, weight)
+        scale = 1.0 / steps[0] ** 2
+        if weight is None:
+            ctx.total = float(cos2.numel())
+            return 1.0 - cos2.mean() * scale
+        ctx.total = weight.sum().clamp_min(1.0)
+        return 1.0 - (cos2 * weight).sum() * (scale / ctx.total)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        d0, d1, d2, b0, b1, b2, d, n_z, m, weight = ctx.saved_tensors
+        f_z = ctx.steps[0]
+        q_z = d / n_z  # d / n = q_z / f_z^2
+        # dL/dD_k = -(go / total) dv/dD_k = c (B_k - q_z (f_k / f_z)^2 D_k), c = -2 q_z go / (total f_z^2 m).
+        c = q_z * (-2.0 * grad_output / (ctx.total * f_z * f_z))
+        c.div_(m)
+        if weight is not None:
+            c.mul_(weight)
+        grad = torch.zeros(ctx.shape, dtype=d.dtype, device=d.device)
+        for axis, (diff, b) in enumerate(((d0, b0), (d1, b1), (d2, b2))):
+            g = q_z * diff
+            torch.sub(b, g, alpha=(ctx.steps[axis] / f_z) ** 2, out=g)
+            g.mul_(c)
+            plus = [slice(None), slice(None)] + [slice(1, -1)] * 3
+            minus = list(plus)
+            plus[2 + axis], minus[2 + axis] = slice(2, None), slice(None, -2)
+            grad[tuple(plus)] += g
+            grad[tuple(minus)] -= g
+        return grad, None, None, None, None, None, None
+
 SIMILARITIES: dict[str, Callable[..., torch.Tensor]] = {
     "MSE": mse,
     "NCC": local_ncc,
     "GlobalNCC": global_ncc,
     "MI": mutual_information,
+    "NGF": normalised_gradient_fields,
 }
 
 
 def weighted_similarity(warped: torch.Tensor, target: torch.Tensor, metrics: Sequence[str],
                         weights: Sequence[float], *, window: int, target_stats=None,
-                        mask: torch.Tensor | None = None, bins: int = MI_BINS) -> tuple[torch.Tensor, dict]:
+                        mask: torch.Tensor | None = None, bins: int = MI_BINS,
+                        spacing=None, target_gradients=None) -> tuple[torch.Tensor, dict]:
     """``sum_n w_n * Sim_n(warped, target)``; also returns each term's value (floats) by name.
 
-    ``window`` and ``target_stats`` are for local NCC, ``bins`` for MI; each term ignores the others.
+    ``window`` and ``target_stats`` are for local NCC, ``bins`` for MI, ``spacing`` (the grid's,
+    mm, ITK order) and ``target_gradients`` for NGF; each term ignores the others.
     """
     total = warped.new_zeros(())
     terms = {}
     for name, weight in zip(metrics, weights):
-        value = SIMILARITIES[name](warped, target, mask, window=window, target_stats=target_stats, bins=bins)
+        value = SIMILARITIES[name](warped, target, mask, window=window, target_stats=target_stats, bins=bins,
+                                   spacing=spacing, target_gradients=target_gradients)
         terms[name] = float(value.detach())
         if weight:
             total = total + weight * value

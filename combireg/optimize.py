@@ -39,7 +39,7 @@ from .errors import CombiregError
 from .filters import gaussian_blur, smooth_and_resize
 from .geometry import Geometry
 from .image import Image
-from .losses import local_stats, regularisers, weighted_similarity
+from .losses import gradient_directions, local_stats, regularisers, weighted_similarity
 from .params import Settings
 from .pyramid import Level, pyramid_levels
 from .warp import (
@@ -580,20 +580,24 @@ def _optimise_level(src: torch.Tensor, tgt: torch.Tensor, forward: torch.Tensor,
     tgt_mask, src_mask = masks
     tgt_stats = local_stats(tgt, window) if uses_ncc else None
     src_stats = local_stats(src, window) if uses_ncc and backward is not None else None
+    # NGF's fixed side, once per level like NCC's moments.
+    uses_ngf = "NGF" in settings.metrics
+    tgt_gradients = gradient_directions(tgt, level_geometry.spacing) if uses_ngf else None
+    src_gradients = gradient_directions(src, level_geometry.spacing) if uses_ngf and backward is not None else None
     correspondence = settings.correspondence_weighting and backward is not None
     weight_f = weight_b = correspondence_info = None
     if correspondence:
         # The forward similarity is counted on the target's voxels, the backward one on the source's.
         content_f, content_b = image_content(tgt), image_content(src)
 
-    def similarity(warped, fixed, stats, mask, metric_weights, per_metric):
+    def similarity(warped, fixed, stats, gradients, mask, metric_weights, per_metric):
         """The weighted similarity and each metric's value; with ``per_metric`` also the tensors."""
+        options = dict(window=window, target_stats=stats, mask=mask, bins=settings.histogram_bins[level],
+                       spacing=level_geometry.spacing, target_gradients=gradients)
         if not per_metric:
-            total, values = weighted_similarity(warped, fixed, settings.metrics, metric_weights, window=window,
-                                                target_stats=stats, mask=mask, bins=settings.histogram_bins[level])
+            total, values = weighted_similarity(warped, fixed, settings.metrics, metric_weights, **options)
             return total, values, None
-        tensors = [weighted_similarity(warped, fixed, (name,), (1.0,), window=window, target_stats=stats,
-                                       mask=mask, bins=settings.histogram_bins[level])[0] for name in settings.metrics]
+        tensors = [weighted_similarity(warped, fixed, (name,), (1.0,), **options)[0] for name in settings.metrics]
         return None, {name: float(t.detach()) for name, t in zip(settings.metrics, tensors)}, tensors
 
     history, terms = [], {}
@@ -624,13 +628,15 @@ def _optimise_level(src: torch.Tensor, tgt: torch.Tensor, forward: torch.Tensor,
         rebalance = weights.adaptive and it % weights.interval == 0
         warped_src = warp_normalised(src, disp_f, grid)
         mask_f = _with_weight(_pair_mask(tgt_mask, src_mask, disp_f, grid), weight_f)
-        sim_f, terms_f, tensors_f = similarity(warped_src, tgt, tgt_stats, mask_f, weights.effective, rebalance)
+        sim_f, terms_f, tensors_f = similarity(warped_src, tgt, tgt_stats, tgt_gradients, mask_f, weights.effective,
+                                               rebalance)
         terms = {f"forward_{k}": v for k, v in terms_f.items()}
         tensors_b = None
         if backward is not None:
             warped_tgt = warp_normalised(tgt, disp_b, grid)
             mask_b = _with_weight(_pair_mask(src_mask, tgt_mask, disp_b, grid), weight_b)
-            sim_b, terms_b, tensors_b = similarity(warped_tgt, src, src_stats, mask_b, weights.effective, rebalance)
+            sim_b, terms_b, tensors_b = similarity(warped_tgt, src, src_stats, src_gradients, mask_b,
+                                                   weights.effective, rebalance)
             terms.update({f"backward_{k}": v for k, v in terms_b.items()})
         if rebalance:
             # Each metric's gradient with respect to the fields (both directions), then the

@@ -313,3 +313,87 @@ def test_regularisers_in_one_pass_equal_the_two_terms():
     assert (first, second) == pytest.approx((float(first_ref.detach()), float(second_ref.detach())), rel=1e-12)
     assert float(total.detach()) == pytest.approx(0.05 * first + 2.0 * second, rel=1e-12)
     np.testing.assert_allclose(g_total.numpy(), g_ref.numpy(), rtol=1e-10, atol=1e-15)
+
+
+# -------------------------------------------------------------------- normalised gradient fields
+def _autograd_ngf(warped, target, spacing, mask=None, eta=losses.NGF_EDGE_FRACTION):
+    """NGF written out with autograd: central differences in 1/mm, eps = eta * mean |grad|."""
+    steps = (0.5, 0.5, 0.5) if spacing is None else (0.5 / spacing[2], 0.5 / spacing[1], 0.5 / spacing[0])
+
+    def gradient(x):
+        return [(x[:, :, 2:, 1:-1, 1:-1] - x[:, :, :-2, 1:-1, 1:-1]) * steps[0],
+                (x[:, :, 1:-1, 2:, 1:-1] - x[:, :, 1:-1, :-2, 1:-1]) * steps[1],
+                (x[:, :, 1:-1, 1:-1, 2:] - x[:, :, 1:-1, 1:-1, :-2]) * steps[2]]
+
+    def norm(g):
+        squared = sum(c * c for c in g)
+        eps = eta * squared.detach().sqrt().mean(dim=(2, 3, 4), keepdim=True)
+        return squared + eps * eps
+
+    a, b = gradient(warped), gradient(target.detach())
+    cos2 = sum(x * y for x, y in zip(a, b)) ** 2 / (norm(a) * norm(b))
+    if mask is None:
+        return 1.0 - cos2.mean()
+    weight = mask.expand_as(warped)[:, :, 1:-1, 1:-1, 1:-1]
+    return 1.0 - (cos2 * weight).sum() / weight.sum()
+
+
+@pytest.mark.parametrize("spacing", [None, (0.8, 1.3, 2.5)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_ngf_value_and_gradient_match_autograd(spacing, masked):
+    warped = torch.cat([_smooth_volume(11), _smooth_volume(12)], 1).requires_grad_()
+    target = torch.cat([_smooth_volume(13), _smooth_volume(14)], 1)
+    mask = (_smooth_volume(15) > 0.4).double() if masked else None
+    value = losses.normalised_gradient_fields(warped, target, mask, spacing=spacing)
+    (grad,) = torch.autograd.grad(3.0 * value, warped)
+    reference = _autograd_ngf(warped, target, spacing, mask)
+    (grad_ref,) = torch.autograd.grad(3.0 * reference, warped)
+    assert float(value) == pytest.approx(float(reference), rel=1e-12)
+    np.testing.assert_allclose(grad.numpy(), grad_ref.numpy(), rtol=1e-9, atol=1e-14)
+
+
+def test_ngf_ignores_contrast_inversion_and_linear_intensity_changes():
+    # What makes it a cross-sequence metric: a T2-like inverted, rescaled target scores as the original.
+    a, b = _smooth_volume(16), _smooth_volume(17)
+    plain = float(losses.normalised_gradient_fields(a, b))
+    assert float(losses.normalised_gradient_fields(a, 2.0 - 3.0 * b)) == pytest.approx(plain, rel=1e-10)
+    assert float(losses.normalised_gradient_fields(0.2 * a + 5.0, b)) == pytest.approx(plain, rel=1e-10)
+    # MSE sees the inversion as a large difference.
+    assert float(losses.mse(a, 1.0 - a)) > 10 * float(losses.mse(a, a + 0.01))
+
+
+def test_ngf_is_lowest_for_aligned_images():
+    image = _smooth_volume(18, shape=(20, 20, 20))
+    inverted = 1.0 - image
+    values = [float(losses.normalised_gradient_fields(torch.roll(image, shift, dims=4), inverted))
+              for shift in (0, 1, 2, 3)]
+    # Aligned is not 0: eps discounts weak edges (0.42 here, then 0.52, 0.67, 0.76).
+    assert values == sorted(values) and values[3] - values[0] > 0.3
+
+
+def test_ngf_measures_angles_between_world_gradients_on_an_oblique_anisotropic_grid(oblique_geometry):
+    # Two intensity ramps I = n1 . x and J = n2 . x in world mm: central differences are exact, each
+    # gradient's magnitude is constant (so eps = eta |grad|), and the loss is 1 - cos^2 / (1 + eta^2)^2
+    # whatever the grid's spacing and direction. In voxel units the anisotropic grid tilts the angle.
+    g = oblique_geometry
+    x = g.world_grid()
+    n1, n2 = np.array([1.0, 0.5, -0.3]), np.array([0.2, 1.0, 0.7])
+    ramps = [torch.as_tensor(np.ascontiguousarray((x @ n)[None, None])) for n in (n1, n2)]
+    cos2 = (n1 @ n2) ** 2 / ((n1 @ n1) * (n2 @ n2))
+    eta = losses.NGF_EDGE_FRACTION
+    value = float(losses.normalised_gradient_fields(*ramps, spacing=g.spacing))
+    assert value == pytest.approx(1.0 - cos2 / (1.0 + eta**2) ** 2, rel=1e-9)
+    assert abs(float(losses.normalised_gradient_fields(*ramps)) - value) > 0.01
+
+
+def test_ngf_precomputed_target_gradients_are_equal_and_shapes_are_checked():
+    a, b = _smooth_volume(19), _smooth_volume(20)
+    spacing = (1.5, 1.0, 2.0)
+    direct = losses.normalised_gradient_fields(a, b, spacing=spacing)
+    cached = losses.normalised_gradient_fields(a, b, spacing=spacing,
+                                               target_gradients=losses.gradient_directions(b, spacing))
+    assert float(cached) == float(direct)
+    total, terms = losses.weighted_similarity(a, b, ("MSE", "NGF"), (0.5, 0.5), window=5, spacing=spacing)
+    assert terms["NGF"] == pytest.approx(float(direct), rel=1e-12)
+    with pytest.raises(ValueError, match="at least 3 voxels"):
+        losses.normalised_gradient_fields(a[:, :, :2], b[:, :, :2])
