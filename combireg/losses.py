@@ -372,10 +372,15 @@ def normalised_gradient_fields(warped: torch.Tensor, target: torch.Tensor, mask:
     Returns
     -------
     Tensor
-        Scalar in [0, 1]; channels averaged.
+        Scalar in [0, 1]; channels averaged. On a grid with fewer than 3 voxels along an axis
+        (a coarse level of a small or thin image) no voxel has a central difference: the value is
+        then the constant 1 (nothing measured) and moves nothing, and the other metrics carry
+        that level.
     """
-    if warped.dim() != 5 or min(warped.shape[2:]) < 3:
-        raise ValueError(f"NGF needs (N, C, Z, Y, X) with at least 3 voxels per axis, got {tuple(warped.shape)}")
+    if warped.dim() != 5:
+        raise ValueError(f"NGF needs (N, C, Z, Y, X) tensors, got shape {tuple(warped.shape)}")
+    if min(warped.shape[2:]) < 3:
+        return warped.new_ones(())
     if target_gradients is None:
         target_gradients = gradient_directions(target, spacing)
     gradient, squared_norm = target_gradients

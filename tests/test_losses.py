@@ -386,7 +386,7 @@ def test_ngf_measures_angles_between_world_gradients_on_an_oblique_anisotropic_g
     assert abs(float(losses.normalised_gradient_fields(*ramps)) - value) > 0.01
 
 
-def test_ngf_precomputed_target_gradients_are_equal_and_shapes_are_checked():
+def test_ngf_precomputed_target_gradients_are_equal_and_small_grids_are_handled():
     a, b = _smooth_volume(19), _smooth_volume(20)
     spacing = (1.5, 1.0, 2.0)
     direct = losses.normalised_gradient_fields(a, b, spacing=spacing)
@@ -395,5 +395,8 @@ def test_ngf_precomputed_target_gradients_are_equal_and_shapes_are_checked():
     assert float(cached) == float(direct)
     total, terms = losses.weighted_similarity(a, b, ("MSE", "NGF"), (0.5, 0.5), window=5, spacing=spacing)
     assert terms["NGF"] == pytest.approx(float(direct), rel=1e-12)
-    with pytest.raises(ValueError, match="at least 3 voxels"):
-        losses.normalised_gradient_fields(a[:, :, :2], b[:, :, :2])
+    # No interior voxel along a 2-voxel axis: nothing measured, nothing moved.
+    thin = losses.normalised_gradient_fields(a[:, :, :2].clone().requires_grad_(), b[:, :, :2])
+    assert float(thin) == 1.0 and not thin.requires_grad
+    with pytest.raises(ValueError, match="N, C, Z, Y, X"):
+        losses.normalised_gradient_fields(a[0], b[0])

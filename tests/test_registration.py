@@ -340,6 +340,20 @@ def test_ngf_recovers_a_shift_across_inverted_contrast_and_the_default_metrics_t
     assert default.mean() < 0.5 * half_voxel and default.max() < 0.75 * half_voxel
 
 
+def test_default_metrics_run_on_an_image_too_thin_for_ngf_on_the_coarsest_level():
+    # 6 voxels of 2 mm along x: 2 on the 8 mm level, where NGF has no central difference.
+    from combireg import Geometry
+
+    geometry = Geometry((6, 20, 20), origin=(0.0, 0.0, 0.0), spacing=(2.0, 2.0, 2.0))
+    centre = geometry.world_grid().reshape(-1, 3).mean(0)
+    source = image_from_world_function(geometry, lambda p: smooth_pattern(p, centre))
+    target = image_from_world_function(geometry, lambda p: smooth_pattern(p + np.array([0.0, 0.0, 1.0]), centre))
+    res = register(source, target, default_settings().replace(pre_alignment="none", iterations=(5, 5, 5)))
+    levels = res.report["levels"]
+    assert levels[0]["shape_zyx"][2] == 2 and levels[0]["final_terms"]["forward_NGF"] == 1.0
+    assert levels[-1]["final_terms"]["forward_NGF"] < 1.0
+
+
 def test_histogram_bins_reach_the_mi_term_per_level():
     source, target, _, _ = _inverted_contrast_problem()
 
