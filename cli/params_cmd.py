@@ -24,7 +24,7 @@ def summary_line(source: str, n_keys: int, settings: Settings) -> str:
     str
         E.g. ``p.txt: OK (3 keys; metrics MSE+NCC 0.5/0.5, 2 resolutions, iterations 150 60)``;
         a transform other than the default displacement is named at the end
-        (``..., iterations 150 60 30, Diffeomorphic transform)``).
+        (``..., iterations 150 80 30, Diffeomorphic transform)``).
     """
     weights = "/".join(f"{w:.4g}" for w in settings.metric_weights)
     levels = settings.num_levels

@@ -88,7 +88,7 @@ WEIGHT_KEY = "Metric<n>Weight"
 
 SCHEMA: tuple[KeySpec, ...] = (
     KeySpec(
-        "Metric", "str", "metrics", ("MSE", "NCC", "NGF"),
+        "Metric", "str", "metrics", ("MSE", "NCC"),
         f"Similarity metrics optimised simultaneously: 1 to {MAX_METRICS} of "
         f"{', '.join(METRICS)}, no duplicates.",
         choices=METRICS, distinct=True,
@@ -153,7 +153,7 @@ SCHEMA: tuple[KeySpec, ...] = (
         minimum=1,
     ),
     KeySpec(
-        "MaximumNumberOfIterations", "int", "per-level", ("150", "60", "30"),
+        "MaximumNumberOfIterations", "int", "per-level", ("150", "80", "30"),
         "Optimiser iterations per resolution, >= 0.",
         minimum=0,
     ),
@@ -747,9 +747,7 @@ def default_parameter_text() -> str:
 MAX_NETWORK_LEVELS = 6
 
 TRAINING_SCHEMA: tuple[KeySpec, ...] = (
-    # The paper's loss: the network is trained on MSE+NCC (NGF, in the registration default since
-    # the fourth round of issue 12, was not measured for training).
-    dataclasses.replace(_SPECS["Metric"], default=("MSE", "NCC")),
+    _SPECS["Metric"],
     _SPECS[WEIGHT_KEY],
     KeySpec(
         "NCCWindowSize", "int", "1", ("5",),

@@ -136,7 +136,7 @@ def test_params_commands():
     res = invoke("params", "check", ROOT / "params" / "default.txt")
     assert res.exit_code == 0 and "OK" in res.output
     res = invoke("params", "defaults")
-    assert res.exit_code == 0 and "(Metric \"MSE\" \"NCC\" \"NGF\")" in res.output
+    assert res.exit_code == 0 and "(Metric \"MSE\" \"NCC\")" in res.output
 
 
 def test_run_with_masks_and_bad_masks(tmp_path, fast_params):

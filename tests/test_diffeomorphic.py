@@ -210,12 +210,9 @@ def test_large_deformation_folds_as_displacement_but_not_as_diffeomorphic():
     assert np.linalg.norm(u_true, axis=-1).max() > 7.0 and jacobian_determinant(u_true, geometry).min() > 0.9
     folded = {}
     for model in ("Displacement", "Diffeomorphic"):
-        # almost no regulariser: the default's bending term would keep the displacement from folding;
-        # MSE+NCC as measured (with NGF too, the velocity gets rough enough at lambda 0.001 that the
-        # finite-difference Jacobian of exp(v) dips below 0 at 2 voxels of this phantom)
+        # almost no regulariser: the default's bending term would keep the displacement from folding
         res = register(source, target,
-                       _settings(transform=model, regularization_weight=(0.001,), bending_weight=(0.0,),
-                                 metrics=("MSE", "NCC"), metric_weights=(0.5, 0.5)))
+                       _settings(transform=model, regularization_weight=(0.001,), bending_weight=(0.0,)))
         jac = jacobian_determinant(res.displacement_lps_mm, geometry)[1:-1, 1:-1, 1:-1]
         folded[model] = (int((jac <= 0).sum()), float(jac.min()))
     # measured: Displacement folds 22 interior voxels (det down to -1.1), Diffeomorphic none (min 0.37)

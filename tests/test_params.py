@@ -134,7 +134,7 @@ def test_defaults_follow_number_of_levels():
     assert one.iterations == (150,)
     assert one.pyramid_spacing == (2.0,) and one.pyramid_schedule == ()
     four = _settings("(NumberOfResolutions 4)")
-    assert four.iterations == (150, 60, 30, 150)
+    assert four.iterations == (150, 80, 30, 150)
     assert four.pyramid_spacing == (16.0, 8.0, 4.0, 2.0)
     assert four.ncc_window_mm == (30.0, 14.0, 9.0, 30.0) and four.ncc_window == ()
     voxels = _settings("(NumberOfResolutions 4)\n(ImagePyramidSchedule 16 16 16 8 8 8 4 4 4 2 2 2)\n"
@@ -145,13 +145,13 @@ def test_defaults_follow_number_of_levels():
 
 def test_default_settings_values():
     s = default_settings()
-    assert s.metrics == ("MSE", "NCC", "NGF")
-    assert s.metric_weights == (1 / 3, 1 / 3, 1 / 3)
+    assert s.metrics == ("MSE", "NCC")
+    assert s.metric_weights == (0.5, 0.5)
     assert s.ncc_window_mm == (30.0, 14.0, 9.0) and s.ncc_window == ()
     assert s.regularization_weight == (0.3, 0.1, 0.05) and s.bending_weight == (2.0, 2.0, 2.0)
     assert s.num_levels == 3
     assert s.pyramid_spacing == (8.0, 4.0, 2.0) and s.pyramid_schedule == ()
-    assert s.iterations == (150, 60, 30)
+    assert s.iterations == (150, 80, 30)
     assert s.learning_rate == (0.02, 0.01, 0.005)
     assert s.optimizer == "Adam"
     assert s.bidirectional is False
@@ -246,8 +246,8 @@ def test_value_errors(text, message):
          "p.txt:3: Metric2Weight has no metric: Metric lists 2 (line 1), "
          "so the weight keys are Metric0Weight to Metric1Weight"),
         ("(Metric0Weight 0.3)",
-         "p.txt:1: metric weights must sum to 1, got 0.966667 "
-         "(Metric0Weight 0.3, Metric1Weight 0.333333 (default), Metric2Weight 0.333333 (default))"),
+         "p.txt:1: metric weights must sum to 1, got 0.8 "
+         "(Metric0Weight 0.3, Metric1Weight 0.5 (default))"),
         ('(Metric "MSE" "NCC")\n(Metric1Weight 0.6)\n(Metric0Weight 0.6)',
          "p.txt:3: metric weights must sum to 1, got 1.2 (Metric0Weight 0.6, Metric1Weight 0.6)"),
         ("(NumberOfResolutions 2)\n(MaximumNumberOfIterations 1 2 3)",
@@ -405,7 +405,7 @@ def test_source_does_not_take_part_in_equality():
 def test_default_parameter_map_lists_every_key():
     pm = default_parameter_map()
     assert list(pm) == [
-        "Metric", "Metric0Weight", "Metric1Weight", "Metric2Weight", "NCCWindowWidth", "NumberOfHistogramBins", "RegularizationWeight",
+        "Metric", "Metric0Weight", "Metric1Weight", "NCCWindowWidth", "NumberOfHistogramBins", "RegularizationWeight",
         "BendingEnergyWeight", "NumberOfResolutions", "PyramidSpacing", "MaximumNumberOfIterations",
         "LearningRate", "WarmUpIterations", "Optimizer", "Bidirectional", "InverseConsistencyWeight", "MetricWeighting",
         "MetricWeightingInterval", "CorrespondenceWeighting", "CorrespondenceErrorScale", "CorrespondenceSmoothing",
@@ -421,7 +421,7 @@ def test_default_parameter_map_lists_every_key():
 def test_default_parameter_text_parses_to_defaults():
     text = default_parameter_text()
     assert text.startswith("// ")
-    assert "(Metric \"MSE\" \"NCC\" \"NGF\")" in text
+    assert "(Metric \"MSE\" \"NCC\")" in text
     assert settings_from_map(parse_text(text)) == default_settings()
     assert parse_text(text) == default_parameter_map()
 
@@ -441,7 +441,7 @@ def test_replace_validates_and_applies_fallback():
 def test_replace_refits_levels_and_weights():
     s = default_settings().replace(num_levels=4)
     assert s.pyramid_spacing == (16.0, 8.0, 4.0, 2.0)
-    assert s.iterations == (150, 60, 30, 150)
+    assert s.iterations == (150, 80, 30, 150)
     one = default_settings().replace(num_levels=1, iterations=(30,))
     assert one.iterations == (30,) and one.ncc_window_mm == (30.0,) and one.pyramid_spacing == (2.0,)
     voxels = default_settings().replace(num_levels=1, pyramid_schedule=((2, 2, 2),), ncc_window=(5,))
@@ -457,8 +457,6 @@ def test_replace_refits_levels_and_weights():
 
 #: The presets measured before the bending term keep the diffusion term they were measured with.
 FORMER_REGULARISATION = {"regularization_weight": (0.3, 0.3, 0.1), "bending_weight": (0.0,)}
-#: ... and those measured before NGF the metrics they were measured with.
-FORMER_METRICS = {"metrics": ("MSE", "NCC"), "metric_weights": (0.5, 0.5)}
 
 
 @pytest.mark.parametrize("name", ["default.txt", "paper_io.txt", "mse.txt", "ncc.txt", "mi.txt", "drn_io.txt",
@@ -475,12 +473,13 @@ def test_presets_parse_and_start_with_a_header(name):
 def test_diffeomorphic_preset_is_the_default_with_a_velocity_field():
     # with the regularisation it was measured with (the default's until the bending term came)
     assert load_settings(PRESETS / "diffeomorphic.txt") == default_settings().replace(
-        transform="Diffeomorphic", iterations=(150, 80, 30), **FORMER_REGULARISATION, **FORMER_METRICS)
+        transform="Diffeomorphic", **FORMER_REGULARISATION)
 
 
-def test_cross_sequence_preset_weights_mse_narrows_the_finest_window_and_doubles_its_iterations():
+def test_cross_sequence_preset_adds_ngf_narrows_the_finest_window_and_doubles_its_iterations():
     assert load_settings(PRESETS / "cross_sequence.txt") == default_settings().replace(
-        metric_weights=(0.5, 0.25, 0.25), ncc_window_mm=(30.0, 14.0, 6.0), iterations=(150, 80, 60))
+        metrics=("MSE", "NCC", "NGF"), metric_weights=(0.5, 0.25, 0.25), ncc_window_mm=(30.0, 14.0, 6.0),
+        iterations=(150, 80, 60))
 
 
 def test_default_preset_equals_defaults():
@@ -502,7 +501,7 @@ def test_single_metric_presets(name, metric):
     s = load_settings(PRESETS / name)
     assert s.metrics == (metric,) and s.metric_weights == (1.0,)
     # Everything else is the default.
-    defaults = default_settings().replace(metrics=(metric,), iterations=(150, 80, 30), **FORMER_REGULARISATION)
+    defaults = default_settings().replace(metrics=(metric,), **FORMER_REGULARISATION)
     assert s == defaults
 
 
@@ -512,7 +511,7 @@ def test_mi_preset():
     assert s.histogram_bins == (32, 32, 32) and s.regularization_weight == (3.0, 3.0, 1.0)
     # Everything else is the default.
     assert s == default_settings().replace(metrics=("MI",), regularization_weight=(3.0, 3.0, 1.0),
-                                           bending_weight=(0.0,), iterations=(150, 80, 30))
+                                           bending_weight=(0.0,))
 
 
 def test_histogram_bins_per_level_and_errors():
@@ -560,7 +559,7 @@ def test_cli_check_default_preset(cli):
     result = _invoke(cli, "params", "check", path)
     assert result.exit_code == 0, result.output
     assert result.stdout == (
-        f"{path}: OK (30 keys; metrics MSE+NCC+NGF 0.3333/0.3333/0.3333, 3 resolutions, iterations 150 60 30)\n"
+        f"{path}: OK (29 keys; metrics MSE+NCC 0.5/0.5, 3 resolutions, iterations 150 80 30)\n"
     )
 
 
@@ -633,8 +632,7 @@ def test_cli_check_names_a_diffeomorphic_transform(cli, tmp_path):
     path.write_text('(Transform "Diffeomorphic")\n')
     result = _invoke(cli, "params", "check", str(path))
     assert result.exit_code == 0, result.output
-    assert result.stdout == (f"{path}: OK (1 key; metrics MSE+NCC+NGF 0.3333/0.3333/0.3333, 3 resolutions, "
-                             "iterations 150 60 30, "
+    assert result.stdout == (f"{path}: OK (1 key; metrics MSE+NCC 0.5/0.5, 3 resolutions, iterations 150 80 30, "
                              "Diffeomorphic transform)\n")
 
 
