@@ -23,6 +23,7 @@ from .params import Settings, format_parameter_map, load_settings, settings_from
 from .pyramid import pyramid_levels
 from .quality import self_check
 from .rigid import rigid_align
+from .sequences import settings_for_sequences
 from .version import __version__
 from .warp import (
     compose_affine,
@@ -404,6 +405,15 @@ def register(source: ImageLike, target: ImageLike, params: Settings | ParamMap |
     if settings.num_threads > 0:
         torch.set_num_threads(settings.num_threads)
     prepared = _prepare(source_img, target_img, source_mask_img, target_mask_img, settings, device)
+    clock = time.perf_counter()
+    settings, sequences_note = settings_for_sequences(settings, prepared.source, prepared.target,
+                                                      prepared.geometry.spacing)
+    if settings.sequence_change_detection:
+        prepared.seconds["sequence_check"] = time.perf_counter() - clock
+    if sequences_note["action"] == "cross-sequence similarity":
+        log.info("source and target look like different sequences (score %.2f > %.2f): optimising with the "
+                 "cross-sequence similarity of params/cross_sequence.txt", sequences_note["score"],
+                 sequences_note["threshold"])
     drn_source = source_img
     if is_model_init(init) and prepared.affine is not None:
         # The DRN sees the source after the pre-alignment (on the target grid), so it predicts
@@ -424,6 +434,7 @@ def register(source: ImageLike, target: ImageLike, params: Settings | ParamMap |
     result.report = _report(result, fields, settings, device, source_img, target_img, seconds)
     result.report["outputs"] = list(kinds)
     result.report["preprocessing"] = prepared.notes
+    result.report["sequences"] = sequences_note
     result.report["init"] = init_note
     if settings.metric_weighting != "fixed":
         result.report["metric_weights"] = {"mode": settings.metric_weighting,

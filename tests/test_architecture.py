@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (2, "formats and settings", ("combireg.io", "combireg.paramfile", "combireg.params", "combireg.outputs",
                                  "combireg.landmarks", "combireg.overlap", "combireg.cases")),
     (3, "engine", ("combireg.losses", "combireg.warp", "combireg.pyramid", "combireg.optimize", "combireg.quality",
-                   "combireg.rigid")),
+                   "combireg.rigid", "combireg.sequences")),
     (4, "tools around the engine", ("combireg.elastix_driver", "combireg.preprocess", "combireg.network",
                                     "combireg.deformations", "combireg.template", "combireg.synth",
                                     "combireg.synth_varied", "combireg.apply")),

@@ -61,6 +61,25 @@ def test_run_end_to_end_on_data_samples(tmp_path, fast_params):
     assert again.exit_code == 2 and "not empty" in again.output
 
 
+def test_run_says_when_it_takes_the_cross_sequence_similarity(tmp_path):
+    # The sample case's T1 source against its T2 target: the defaults detect the sequence change,
+    # print a line, record it, and write the settings used, which rerun as written.
+    out = tmp_path / "out"
+    res = invoke("run", f"{CASE}/source_t1.nii.gz", f"{CASE}/target_t2.nii.gz", "-o", out, "-q",
+                 "--target-landmarks", CASE / "target_landmarks.fcsv",
+                 "--source-landmarks", CASE / "source_landmarks.fcsv")
+    assert res.exit_code == 0, res.output
+    assert "look like different sequences" in res.output and "cross-sequence similarity" in res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["sequences"]["different"] and report["sequences"]["score"] > report["sequences"]["threshold"]
+    written = (out / "params.txt").read_text()
+    assert '(Metric "MSE" "NCC" "NGF")' in written and '(SequenceChangeDetection "true")' in written
+    statistics = report["tre"]["statistics"]
+    assert statistics["mean"] < 0.5 * statistics["initial_mean"]
+    same = invoke("run", SRC, TGT, "-o", tmp_path / "same", "-q", "-p", ROOT / "params" / "default.txt")
+    assert same.exit_code == 0 and "different sequences" not in same.output
+
+
 def test_params_file_of_a_run_reproduces_it(tmp_path, fast_params):
     a = invoke("run", SRC, TGT, "-o", tmp_path / "a", "-p", fast_params, "-q")
     b = invoke("run", SRC, TGT, "-o", tmp_path / "b", "-p", tmp_path / "a" / "params.txt", "-q")

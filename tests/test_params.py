@@ -410,7 +410,7 @@ def test_default_parameter_map_lists_every_key():
         "LearningRate", "WarmUpIterations", "Optimizer", "Bidirectional", "InverseConsistencyWeight", "MetricWeighting",
         "MetricWeightingInterval", "CorrespondenceWeighting", "CorrespondenceErrorScale", "CorrespondenceSmoothing",
         "CorrespondenceMaximumExclusion", "CorrespondenceUpdateInterval", "PreAlignment",
-        "BiasFieldCorrection", "WorkingSpacing", "WorkingOrientation", "Seed",
+        "SequenceChangeDetection", "BiasFieldCorrection", "WorkingSpacing", "WorkingOrientation", "Seed",
         "NormalizationPercentiles", "NumberOfThreads",
     ]
     assert pm["PyramidSpacing"] == ("8.0", "4.0", "2.0")
@@ -559,7 +559,7 @@ def test_cli_check_default_preset(cli):
     result = _invoke(cli, "params", "check", path)
     assert result.exit_code == 0, result.output
     assert result.stdout == (
-        f"{path}: OK (29 keys; metrics MSE+NCC 0.5/0.5, 3 resolutions, iterations 150 80 30)\n"
+        f"{path}: OK (30 keys; metrics MSE+NCC 0.5/0.5, 3 resolutions, iterations 150 80 30)\n"
     )
 
 

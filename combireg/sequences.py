@@ -1,0 +1,162 @@
+"""Whether source and target carry different MR sequences, and what the run then optimises.
+
+The default similarity (MSE + NCC) compares intensities, which a T1 and a T2 do not share; NGF
+(edges by direction) in ``params/cross_sequence.txt`` does far better there but is worse on pairs
+of one sequence (BENCHMARKS.md, issue 12). So the run measures, after the pre-alignment, how the
+two images' intensities relate, and takes the cross-sequence settings when they clearly do not
+correspond (``SequenceChangeDetection``).
+
+The score of one channel pair, on the working grid in blocks of about 2 mm, over the head (either side above 0.05 of
+its normalised range) is the sum of
+
+* the share of 16 mm windows in which the two images are anti-correlated (a T2 is dark where a
+  T1 is bright inside the brain; one sequence is anti-correlated only where the anatomy moved);
+* ``1 - r^2 / eta^2``: the share of what one image explains of the other through any function
+  (the correlation ratio ``eta^2``, 32 bins, the larger of both directions) that a straight line
+  (``r^2``) misses; zero for intensities that map linearly, as one sequence does up to noise,
+  bias and gamma, and at most 1.
+
+Measured on the varied pairs (seeds 200-202, 300-302 and the hard tier's 400-401) and the older
+simulator's two sample cases (BENCHMARKS.md "Issue 12, fifth round"; mean over channel pairs):
+one sequence 0.03-0.30, T1 against T2 0.42-0.59, T1 against FLAIR 0.27-0.43. The threshold 0.35
+is the midpoint between the development seeds' highest same-sequence score (0.25) and their
+lowest T1/T2 score (0.45); FLAIR, whose contrast is closer to T1's, is caught only where it
+differs most (2 of 8 pairs).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .params import Settings, default_settings
+
+__all__ = ["SEQUENCE_CHANGE_THRESHOLD", "CROSS_SEQUENCE_SIMILARITY", "sequence_change_score",
+           "channel_sequence_scores", "settings_for_sequences"]
+
+#: Mean score over channel pairs above which the sides count as different sequences.
+SEQUENCE_CHANGE_THRESHOLD = 0.35
+#: What replaces the default's similarity settings then: those of ``params/cross_sequence.txt``.
+CROSS_SEQUENCE_SIMILARITY = {"metrics": ("MSE", "NCC", "NGF"), "metric_weights": (0.5, 0.25, 0.25),
+                             "ncc_window_mm": (30.0, 14.0, 6.0), "ncc_window": (),
+                             "iterations": (150, 80, 60)}
+_WINDOW_MM = 16.0
+_FOREGROUND = 0.05
+_BINS = 32
+_MIN_VARIANCE = 1e-3  # windows flatter than this on either side say nothing about the relation
+_SCORE_SPACING_MM = 2.0
+_SIMILARITY_FIELDS = ("metrics", "metric_weights", "ncc_window_mm", "ncc_window", "iterations")
+
+
+def _anticorrelated_share(source: torch.Tensor, target: torch.Tensor, spacing) -> float:
+    """Share of the ~16 mm windows (half overlapping) with a negative local correlation."""
+    kernel = [max(3, int(round(_WINDOW_MM / s)) | 1) for s in reversed(tuple(spacing))]
+    kernel = [min(k, n) for k, n in zip(kernel, source.shape)]
+    stride = [max(1, k // 2) for k in kernel]
+    moments = torch.stack([source, target, source * source, target * target, source * target])[None]
+    m_s, m_t, m_ss, m_tt, m_st = F.avg_pool3d(moments, kernel, stride=stride)[0]
+    var_s, var_t = m_ss - m_s ** 2, m_tt - m_t ** 2
+    informative = (var_s > _MIN_VARIANCE) & (var_t > _MIN_VARIANCE)
+    if not bool(informative.any()):
+        return 0.0
+    return float(((m_st - m_s * m_t)[informative] < 0).float().mean())
+
+
+def _correlation_ratio(x: torch.Tensor, y: torch.Tensor) -> float:
+    """eta^2 of y given x (x binned into 32 bins over [0, 1]): between-bin over total variance."""
+    index = (x * _BINS).long().clamp_(0, _BINS - 1)
+    count = torch.bincount(index, minlength=_BINS).double()
+    total = torch.bincount(index, weights=y, minlength=_BINS).double()
+    n, mean = float(count.sum()), float(total.sum()) / float(count.sum())
+    variance = float(((y.double() - mean) ** 2).mean())
+    if variance <= 0.0:
+        return 0.0
+    between = float((total ** 2 / count.clamp_min(1.0)).sum()) / n - mean * mean
+    return between / variance
+
+
+def _decimated(image: torch.Tensor, spacing) -> tuple[torch.Tensor, tuple]:
+    """A copy of about 2 mm (block means of whole voxels): the score's statistics need no finer
+    grid, and a 1 mm pair is scored in a quarter of a second instead of one and a half."""
+    factors_xyz = [max(1, int(_SCORE_SPACING_MM / s + 1e-6)) for s in spacing]
+    if all(f == 1 for f in factors_xyz):
+        return image, tuple(spacing)
+    kernel = tuple(reversed(factors_xyz))
+    return (F.avg_pool3d(image[None, None], kernel, stride=kernel)[0, 0],
+            tuple(s * f for s, f in zip(spacing, factors_xyz)))
+
+
+def sequence_change_score(source: torch.Tensor, target: torch.Tensor, spacing) -> float:
+    """The score of one channel pair (see the module docstring); about 0 for one sequence.
+
+    Parameters
+    ----------
+    source, target : Tensor, (z, y, x)
+        Normalised intensities on one grid, the source already pre-aligned.
+    spacing : sequence of float
+        The grid's spacing ``(x, y, z)`` in mm.
+
+    Returns
+    -------
+    float
+    """
+    if source.shape != target.shape or source.dim() != 3:
+        raise ValueError(f"need two images on one 3-D grid, got {tuple(source.shape)} and {tuple(target.shape)}")
+    spacing = tuple(float(v) for v in spacing)
+    source, spacing_used = _decimated(source.float(), spacing)
+    target, _ = _decimated(target.float(), spacing)
+    spacing = spacing_used
+    head = (source > _FOREGROUND) | (target > _FOREGROUND)
+    if int(head.sum()) < 2:
+        return 0.0
+    s, t = source[head], target[head]
+    r = float(torch.corrcoef(torch.stack([s, t]))[0, 1])
+    eta = max(_correlation_ratio(s, t), _correlation_ratio(t, s))
+    if not math.isfinite(r) or eta <= 1e-6:
+        # Neither image says anything about the other: as unlike one sequence as it gets.
+        nonlinearity = 1.0
+    else:
+        nonlinearity = min(1.0, max(0.0, 1.0 - r * r / eta))
+    return _anticorrelated_share(source, target, spacing) + nonlinearity
+
+
+def channel_sequence_scores(source: torch.Tensor, target: torch.Tensor, spacing) -> list[float]:
+    """:func:`sequence_change_score` of every channel pair of ``(1, C, z, y, x)`` tensors."""
+    return [sequence_change_score(source[0, c].cpu(), target[0, c].cpu(), spacing) for c in range(source.shape[1])]
+
+
+def _has_default_similarity(settings: Settings) -> bool:
+    defaults = default_settings()
+    return all(getattr(settings, name) == getattr(defaults, name) for name in _SIMILARITY_FIELDS)
+
+
+def settings_for_sequences(settings: Settings, source: torch.Tensor, target: torch.Tensor,
+                           spacing) -> tuple[Settings, dict]:
+    """``settings``, or the cross-sequence similarity where the sides' sequences differ.
+
+    Parameters
+    ----------
+    settings : Settings
+    source, target : Tensor, (1, C, z, y, x)
+        The prepared images (normalised, the source pre-aligned) on the working grid.
+    spacing : sequence of float
+        The working grid's spacing ``(x, y, z)`` in mm.
+
+    Returns
+    -------
+    (Settings, dict)
+        The settings to optimise with, and what was measured and done (``report["sequences"]``).
+    """
+    note = {"detection": settings.sequence_change_detection, "threshold": SEQUENCE_CHANGE_THRESHOLD}
+    if not settings.sequence_change_detection:
+        return settings, {**note, "action": "none (SequenceChangeDetection false)"}
+    scores = channel_sequence_scores(source, target, spacing)
+    score = sum(scores) / len(scores)
+    different = score > SEQUENCE_CHANGE_THRESHOLD
+    note.update(channel_scores=[round(v, 4) for v in scores], score=round(score, 4), different=different)
+    if not different:
+        return settings, {**note, "action": "none (one sequence)"}
+    if not _has_default_similarity(settings):
+        return settings, {**note, "action": "none (the parameter file sets its own similarity)"}
+    return settings.replace(**CROSS_SEQUENCE_SIMILARITY), {**note, "action": "cross-sequence similarity"}
