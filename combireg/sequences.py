@@ -6,8 +6,8 @@ of one sequence (BENCHMARKS.md, issue 12). So the run measures, after the pre-al
 two images' intensities relate, and takes the cross-sequence settings when they clearly do not
 correspond (``SequenceChangeDetection``).
 
-The score of one channel pair, on the working grid in blocks of about 2 mm, over the head (either side above 0.05 of
-its normalised range) is the sum of
+The score of one channel pair, on the working grid in blocks of about 2 mm, over the head
+(either side above 0.05 of its normalised range), is the sum of
 
 * the share of 16 mm windows in which the two images are anti-correlated (a T2 is dark where a
   T1 is bright inside the brain; one sequence is anti-correlated only where the anatomy moved);
