@@ -81,7 +81,8 @@ from .synth import (
 )
 from .template import NOTICE, fetch_template
 
-__all__ = ["VARIANTS", "CROSS_SEQUENCE_VARIANTS", "DIFFICULTIES", "GaussianShift", "Anatomy", "make_anatomy", "generate_varied_set"]
+__all__ = ["VARIANTS", "CROSS_SEQUENCE_VARIANTS", "DIFFICULTIES", "GaussianShift", "Anatomy", "make_anatomy",
+           "generate_varied_set"]
 
 log = logging.getLogger(__name__)
 
