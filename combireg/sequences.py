@@ -79,7 +79,9 @@ def _correlation_ratio(x: torch.Tensor, y: torch.Tensor) -> float:
 def _decimated(image: torch.Tensor, spacing) -> tuple[torch.Tensor, tuple]:
     """A copy of about 2 mm (block means of whole voxels): the score's statistics need no finer
     grid, and a 1 mm pair is scored in a quarter of a second instead of one and a half."""
-    factors_xyz = [max(1, int(_SCORE_SPACING_MM / s + 1e-6)) for s in spacing]
+    # Never more voxels to a block than the axis has (a thin slab of fine voxels).
+    factors_xyz = [min(max(1, int(_SCORE_SPACING_MM / s + 1e-6)), n)
+                   for s, n in zip(spacing, reversed(image.shape))]
     if all(f == 1 for f in factors_xyz):
         return image, tuple(spacing)
     kernel = tuple(reversed(factors_xyz))

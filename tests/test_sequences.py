@@ -58,6 +58,15 @@ def test_a_fine_grid_is_scored_on_about_2_mm_blocks():
     assert fine > SEQUENCE_CHANGE_THRESHOLD
 
 
+def test_a_thin_slab_of_fine_voxels_is_scored():
+    # 0.5 mm voxels would be averaged in blocks of 4, but the slab is 3 voxels thick.
+    z, y, x = torch.meshgrid(torch.linspace(-1, 1, 3), torch.linspace(-1, 1, 48), torch.linspace(-1, 1, 48),
+                             indexing="ij")
+    t1 = 0.5 + 0.4 * torch.sin(4 * x) * torch.cos(3 * y)
+    assert sequence_change_score(t1, t1, (0.5, 0.5, 0.5)) == pytest.approx(0.0, abs=1e-6)
+    assert sequence_change_score(t1, 1.0 - t1, (0.5, 0.5, 0.5)) > 0.8
+
+
 def test_score_refuses_images_on_different_grids():
     with pytest.raises(ValueError, match="one 3-D grid"):
         sequence_change_score(torch.zeros(4, 4, 4), torch.zeros(4, 4, 5), (1.0, 1.0, 1.0))
