@@ -285,9 +285,6 @@ class _JointHistogram(torch.autograd.Function):
         return grad, None, None, None
 
 
-
-
-
 # ------------------------------------------------------------------------------ gradient fields
 #: NGF's edge scale: a gradient weaker than this fraction of the image's mean gradient magnitude
 #: counts as noise, not as an edge direction (Haber and Modersitzki's epsilon, made relative so
@@ -439,6 +436,7 @@ class _NormalisedGradientFields(torch.autograd.Function):
             grad[tuple(plus)] += g
             grad[tuple(minus)] -= g
         return grad, None, None, None, None, None, None
+
 
 SIMILARITIES: dict[str, Callable[..., torch.Tensor]] = {
     "MSE": mse,

@@ -344,6 +344,13 @@ def _landmark_candidates(rng: np.random.Generator, afids: Landmarks, norm: np.nd
     return np.concatenate(points), tuple(labels)
 
 
+def _strengths(difficulty: str) -> dict:
+    """:data:`DIFFICULTIES`'s entry, or a one-line error naming the known ones."""
+    if difficulty not in DIFFICULTIES:
+        raise CombiregError(f"difficulty {difficulty!r} is not one of {', '.join(DIFFICULTIES)}")
+    return DIFFICULTIES[difficulty]
+
+
 def make_anatomy(template: Image, afids: Landmarks, seed: int, *, brain_mask: np.ndarray | None = None,
                  landmark_counts: dict | None = None, landmarks: bool = True,
                  difficulty: str = "standard") -> Anatomy:
@@ -370,9 +377,7 @@ def make_anatomy(template: Image, afids: Landmarks, seed: int, *, brain_mask: np
     -------
     Anatomy
     """
-    if difficulty not in DIFFICULTIES:
-        raise CombiregError(f"difficulty {difficulty!r} is not one of {', '.join(DIFFICULTIES)}")
-    strength = DIFFICULTIES[difficulty]
+    strength = _strengths(difficulty)
     counts = {**LANDMARK_COUNTS, **(landmark_counts or {})}
     geom = template.geometry
     rng_shape, rng_warp, rng_points, rng_look, rng_lesion = (
@@ -785,8 +790,7 @@ def generate_varied_set(out_dir: str | os.PathLike, seeds, *, variants=VARIANTS,
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise CombiregError("give at least one seed")
-    if difficulty not in DIFFICULTIES:
-        raise CombiregError(f"difficulty {difficulty!r} is not one of {', '.join(DIFFICULTIES)}")
+    _strengths(difficulty)  # refused before the template is read
     prepare_output_dir(out_dir, overwrite=overwrite)
     template, afids = fetch_template(cache_dir)
     brain = estimate_brain_mask(template)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from combireg.errors import CombiregError
-from combireg.synth_varied import DIFFICULTIES, make_anatomy
+from combireg.synth_varied import DIFFICULTIES, generate_varied_set, make_anatomy
 
 from test_synth import _phantom
 
@@ -64,3 +64,10 @@ def test_hard_difficulty_deforms_the_cortex_more_and_stays_invertible(phantom):
 def test_unknown_difficulty_is_refused(phantom):
     with pytest.raises(CombiregError, match="difficulty 'extreme' is not one of standard, hard"):
         _anatomy(phantom, 5, difficulty="extreme")
+
+
+def test_unknown_difficulty_is_refused_before_anything_is_read_or_written(tmp_path):
+    out = tmp_path / "set"
+    with pytest.raises(CombiregError, match="difficulty 'extreme' is not one of standard, hard"):
+        generate_varied_set(out, [300], difficulty="extreme", cache_dir=tmp_path / "no-template-here")
+    assert not out.exists() and not (tmp_path / "no-template-here").exists()
