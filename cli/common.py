@@ -23,6 +23,6 @@ def echo_registration(report: dict, method: str = "") -> None:
                f"Jacobian min {jac['min']:.3f}, {jac['percent_nonpositive']:.3f}% folded")
     sequences = report.get("sequences") or {}
     if sequences.get("action") == "cross-sequence similarity":
-        click.echo(f"source and target look like different sequences (score {sequences['score']:.2f} > "
-                   f"{sequences['threshold']:.2f}): optimised with the cross-sequence similarity of "
+        click.echo(f"source and target look like different sequences ({sequences['reason']}): "
+                   f"optimised with the cross-sequence similarity of "
                    f"params/cross_sequence.txt (SequenceChangeDetection \"false\" keeps the default's)")

@@ -411,9 +411,8 @@ def register(source: ImageLike, target: ImageLike, params: Settings | ParamMap |
     if settings.sequence_change_detection:
         prepared.seconds["sequence_check"] = time.perf_counter() - clock
     if sequences_note["action"] == "cross-sequence similarity":
-        log.info("source and target look like different sequences (score %.2f > %.2f): optimising with the "
-                 "cross-sequence similarity of params/cross_sequence.txt", sequences_note["score"],
-                 sequences_note["threshold"])
+        log.info("source and target look like different sequences (%s): optimising with the "
+                 "cross-sequence similarity of params/cross_sequence.txt", sequences_note["reason"])
     drn_source = source_img
     if is_model_init(init) and prepared.affine is not None:
         # The DRN sees the source after the pre-alignment (on the target grid), so it predicts

@@ -266,12 +266,16 @@ SCHEMA: tuple[KeySpec, ...] = (
     KeySpec(
         "SequenceChangeDetection", "bool", "1", ("true",),
         "Whether the run checks, after the pre-alignment, if source and target carry different sequences "
-        "(\"true\" or \"false\"): the mean over channel pairs of the share of 16 mm windows where the two "
-        "images are anti-correlated plus how far their intensity relation is from linear (1 - r^2 / correlation "
-        "ratio); above 0.35 (T1 against T2 scores 0.42-0.59 on the varied pairs, one sequence at most 0.30) "
-        "the similarity settings of params/cross_sequence.txt replace the default's. Only when Metric, its "
-        "weights, the NCC windows and MaximumNumberOfIterations are the built-in defaults: a file that sets "
-        "its own is followed as written. report.json's \"sequences\" says what was measured and done.",
+        "(\"true\" or \"false\"), by two statistics, each a mean over channel pairs: a score (the share of "
+        "16 mm windows where the two images are anti-correlated plus how far their intensity relation is from "
+        "linear, 1 - r^2 / correlation ratio) and the tissue order (the Spearman correlation of the other image "
+        "over one image's brightest 30 % of head blocks, the larger of both directions; a T2 or FLAIR reverses "
+        "white against grey matter). Where the score is above 0.35 or the tissue order below 0.28 (on the "
+        "varied pairs: one sequence scored at most 0.30 with an order of at least 0.39; T1 against T2 or FLAIR "
+        "an order of at most 0.18) the similarity settings of params/cross_sequence.txt replace the default's. "
+        "Only when Metric, its weights, the NCC windows and MaximumNumberOfIterations are the built-in "
+        "defaults: a file that sets its own is followed as written. report.json's \"sequences\" says what "
+        "was measured and done.",
     ),
     KeySpec(
         "BiasFieldCorrection", "bool", "1", ("false",),

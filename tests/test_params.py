@@ -476,10 +476,10 @@ def test_diffeomorphic_preset_is_the_default_with_a_velocity_field():
         transform="Diffeomorphic", **FORMER_REGULARISATION)
 
 
-def test_cross_sequence_preset_adds_ngf_narrows_the_finest_window_and_doubles_its_iterations():
+def test_cross_sequence_preset_adds_ngf_narrows_the_finest_window_and_runs_its_finest_level_longer():
     assert load_settings(PRESETS / "cross_sequence.txt") == default_settings().replace(
         metrics=("MSE", "NCC", "NGF"), metric_weights=(0.5, 0.25, 0.25), ncc_window_mm=(30.0, 14.0, 6.0),
-        iterations=(150, 80, 60))
+        iterations=(150, 80, 180))
 
 
 def test_default_preset_equals_defaults():

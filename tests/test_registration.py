@@ -352,7 +352,7 @@ def test_the_default_takes_the_cross_sequence_similarity_across_inverted_contras
     note = res.report["sequences"]
     assert note["different"] and note["score"] > 0.8 and note["action"] == "cross-sequence similarity"
     assert "forward_NGF" in res.report["levels"][-1]["final_terms"]
-    assert '(Metric "MSE" "NCC" "NGF")' in res.params_text() and "(MaximumNumberOfIterations 150 80 60)" in \
+    assert '(Metric "MSE" "NCC" "NGF")' in res.params_text() and "(MaximumNumberOfIterations 150 80 180)" in \
         res.params_text()
     same_contrast = Image(1.0 - target.data, target.geometry)
     res = register(source, same_contrast, settings)

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from combireg.params import default_settings, load_settings
-from combireg.sequences import (CROSS_SEQUENCE_SIMILARITY, SEQUENCE_CHANGE_THRESHOLD, channel_sequence_scores,
-                                sequence_change_score, settings_for_sequences)
+from combireg.sequences import (CROSS_SEQUENCE_SIMILARITY, SEQUENCE_CHANGE_THRESHOLD, TISSUE_ORDER_THRESHOLD,
+                                channel_sequence_scores, channel_tissue_orders, sequence_change_score,
+                                settings_for_sequences, tissue_order)
 
 from test_synth import _phantom
 
@@ -75,6 +77,43 @@ def test_a_flat_pair_scores_zero():
     assert sequence_change_score(torch.zeros(8, 8, 8), torch.zeros(8, 8, 8), (1.0, 1.0, 1.0)) == 0.0
 
 
+def _flair_like(t2: torch.Tensor) -> torch.Tensor:
+    """The phantom's T2 with its brightest (fluid-like) values suppressed, as FLAIR does."""
+    fluid = ((t2 - 0.35) / 0.35).clamp(0, 1)
+    return _normalised(t2 * (1.0 - 0.9 * fluid))
+
+
+def test_tissue_order_ignores_a_monotone_change_of_contrast_and_reverses_with_an_inversion(head):
+    t1, _, spacing = head
+    assert tissue_order(t1, t1 ** 0.5, spacing) == pytest.approx(1.0, abs=1e-6)
+    generator = torch.Generator().manual_seed(0)
+    noisy = (t1.roll(1, dims=0) ** 0.8 * 0.9 + 0.02 * torch.randn(t1.shape, generator=generator)).clamp(0, 1)
+    assert tissue_order(t1, noisy, spacing) > TISSUE_ORDER_THRESHOLD + 0.05
+    assert tissue_order(t1, 1.0 - t1, spacing) == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_a_flair_like_contrast_is_caught_by_the_tissue_order_where_the_score_misses_it(head):
+    # Fluid dark on both sides, the brightest tissues reversed: the score sees mostly one
+    # sequence (a monotone relation over most of the head), the tissue order does not.
+    t1, t2, spacing = head
+    flair = _flair_like(t2)
+    assert sequence_change_score(t1, flair, spacing) < SEQUENCE_CHANGE_THRESHOLD
+    assert tissue_order(t1, flair, spacing) < TISSUE_ORDER_THRESHOLD
+    settings, note = settings_for_sequences(default_settings(), t1[None, None], flair[None, None], spacing)
+    assert note["action"] == "cross-sequence similarity" and note["tissue_order_threshold"] == TISSUE_ORDER_THRESHOLD
+    assert note["reason"].startswith("tissue order") and "score" not in note["reason"]
+    assert settings.metrics == CROSS_SEQUENCE_SIMILARITY["metrics"]
+    assert note["tissue_order"] == pytest.approx(tissue_order(t1, flair, spacing), abs=1e-4)
+    assert channel_tissue_orders(t1[None, None], flair[None, None], spacing)[0] == \
+        pytest.approx(note["tissue_order"], abs=1e-4)
+
+
+def test_tissue_order_of_a_flat_pair_says_nothing_and_refuses_different_grids():
+    assert tissue_order(torch.zeros(8, 8, 8), torch.zeros(8, 8, 8), (1.0, 1.0, 1.0)) == 1.0
+    with pytest.raises(ValueError, match="one 3-D grid"):
+        tissue_order(torch.zeros(4, 4, 4), torch.zeros(4, 4, 5), (1.0, 1.0, 1.0))
+
+
 def test_the_switch_takes_the_shipped_cross_sequence_similarity(head):
     t1, t2, spacing = head
     settings, note = settings_for_sequences(default_settings(), t1[None, None], t2[None, None], spacing)
@@ -108,3 +147,16 @@ def test_a_file_with_its_own_similarity_or_without_the_check_is_followed(head):
     off = default_settings().replace(sequence_change_detection=False)
     settings, note = settings_for_sequences(off, t1[None, None], t2[None, None], spacing)
     assert settings == off and "score" not in note and note["action"].startswith("none (SequenceChangeDetection")
+
+
+def test_the_rank_correlation_equals_scipys_with_ties():
+    # Written in numpy (importing scipy.stats would cost every run 0.6 s): same value, ties included.
+    from scipy.stats import spearmanr
+
+    from combireg.sequences import _spearman
+
+    rng = np.random.default_rng(0)
+    x = np.round(rng.random(500), 2)
+    y = np.round(x + rng.normal(0.0, 0.3, 500), 1)
+    assert _spearman(x, y) == pytest.approx(spearmanr(x, y)[0], abs=1e-12)
+    assert np.isnan(_spearman(np.ones(5), np.arange(5.0)))
