@@ -8,13 +8,15 @@
 #           cross-sequence pairs.
 #  hard_baselines  (sixth round) on the hard tier, elastix's own default (the B-spline map alone) on all
 #           14 pairs and SyN on seed 401 (seed 400's SyN is bench_results/hard_syn from the fifth round);
-#  order    (sixth round) the default with the tissue-order check on the 21 held-out and 14 hard pairs.
-# Usage: bash benchmarks/issue12_calibration.sh [bspline] [default] [hard] [hard_baselines] [order]
-#        (bspline, default and hard: about 65 min; hard_baselines about 50 min; order about 10 min)
+#  order    (sixth round) the default with the tissue-order check on the 21 held-out and 14 hard pairs;
+#  same_run (sixth round) the default, elastix's chain and SyN in one run on the hard tier's seed 401.
+# Usage: bash benchmarks/issue12_calibration.sh [bspline] [default] [hard] [hard_baselines] [order] [same_run]
+#        (bspline, default and hard: about 65 min; hard_baselines about 50 min; order about 10 min;
+#        same_run about 35 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-STEPS=${*:-bspline default hard hard_baselines order}
+STEPS=${*:-bspline default hard hard_baselines order same_run}
 pairs() { for s in "$@"; do for v in iso1 iso2 thick oblique pose t1_t2 t1_flair; do printf 'v%s_%s,' "$s" "$v"; done; done; }
 HELD=$(pairs 300 301 302)
 HARD=$(pairs 400 401)
@@ -40,6 +42,9 @@ for step in $STEPS; do
              --cases "${HELD%,}" -m default="run"
            "$PY" benchmarks/bench_varied.py bench_varied_hard/manifest.csv -o bench_results/hard_order \
              --cases "${HARD%,}" -m default="run" ;;
-    *) echo "unknown step $step (bspline, default, hard, hard_baselines, order)" >&2; exit 2 ;;
+    same_run) S401=$(pairs 401)
+              "$PY" benchmarks/bench_varied.py bench_varied_hard/manifest.csv -o bench_results/hard_same_run_v401 \
+                --cases "${S401%,}" -m default="run" -m elastix="baseline elastix" -m syn="baseline syn" ;;
+    *) echo "unknown step $step (bspline, default, hard, hard_baselines, order, same_run)" >&2; exit 2 ;;
   esac
 done

@@ -25,7 +25,7 @@ zero or below in both directions. The larger of the two because, within one sequ
 direction whose brightest tissue is flat (a T2's fluid) ranks mostly noise, while the other
 still shows the order. A rank statistic: a monotone change of contrast does not move it.
 
-Measured on the varied pairs (seeds 200-202, 300-302 and the hard tier's 400-401: 42 pairs of
+Measured on the varied pairs (seeds 200-202, 300-302 and the hard tier's 400-401: 40 pairs of
 one sequence, 8 of T1 against T2, 8 of T1 against FLAIR) and the older simulator's two sample
 cases (BENCHMARKS.md "Issue 12", fifth and sixth rounds; means over channel pairs):
 
