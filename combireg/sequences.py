@@ -140,7 +140,11 @@ def sequence_change_score(source: torch.Tensor, target: torch.Tensor, spacing) -
     -------
     float
     """
-    source, target, spacing = _blocks(source, target, spacing)
+    return _score_of_blocks(*_blocks(source, target, spacing))
+
+
+def _score_of_blocks(source: torch.Tensor, target: torch.Tensor, spacing) -> float:
+    """:func:`sequence_change_score` of a pair already in blocks (``spacing`` the blocks')."""
     head = (source > _FOREGROUND) | (target > _FOREGROUND)
     if int(head.sum()) < 2:
         return 0.0
@@ -196,19 +200,29 @@ def tissue_order(source: torch.Tensor, target: torch.Tensor, spacing) -> float:
         neither image has enough varying blocks to say (a flat image): no evidence of a change.
     """
     source_blocks, target_blocks, _ = _blocks(source, target, spacing)
-    s, t = source_blocks.flatten().numpy(), target_blocks.flatten().numpy()
+    return _order_of_blocks(source_blocks, target_blocks)
+
+
+def _order_of_blocks(source: torch.Tensor, target: torch.Tensor) -> float:
+    """:func:`tissue_order` of a pair already in blocks."""
+    s, t = source.flatten().numpy(), target.flatten().numpy()
     values = [v for v in (_order_kept(s, t), _order_kept(t, s)) if math.isfinite(v)]
     return max(values) if values else 1.0
 
 
+def _channel_blocks(source: torch.Tensor, target: torch.Tensor, spacing) -> list[tuple]:
+    """:func:`_blocks` of every channel pair of ``(1, C, z, y, x)`` tensors."""
+    return [_blocks(source[0, c].cpu(), target[0, c].cpu(), spacing) for c in range(source.shape[1])]
+
+
 def channel_sequence_scores(source: torch.Tensor, target: torch.Tensor, spacing) -> list[float]:
     """:func:`sequence_change_score` of every channel pair of ``(1, C, z, y, x)`` tensors."""
-    return [sequence_change_score(source[0, c].cpu(), target[0, c].cpu(), spacing) for c in range(source.shape[1])]
+    return [_score_of_blocks(*pair) for pair in _channel_blocks(source, target, spacing)]
 
 
 def channel_tissue_orders(source: torch.Tensor, target: torch.Tensor, spacing) -> list[float]:
     """:func:`tissue_order` of every channel pair of ``(1, C, z, y, x)`` tensors."""
-    return [tissue_order(source[0, c].cpu(), target[0, c].cpu(), spacing) for c in range(source.shape[1])]
+    return [_order_of_blocks(s, t) for s, t, _ in _channel_blocks(source, target, spacing)]
 
 
 def _has_default_similarity(settings: Settings) -> bool:
@@ -237,14 +251,17 @@ def settings_for_sequences(settings: Settings, source: torch.Tensor, target: tor
             "tissue_order_threshold": TISSUE_ORDER_THRESHOLD}
     if not settings.sequence_change_detection:
         return settings, {**note, "action": "none (SequenceChangeDetection false)"}
-    scores = channel_sequence_scores(source, target, spacing)
-    score = sum(scores) / len(scores)
-    orders = channel_tissue_orders(source, target, spacing)
-    order = sum(orders) / len(orders)
-    different = score > SEQUENCE_CHANGE_THRESHOLD or order < TISSUE_ORDER_THRESHOLD
-    reasons = [f"score {score:.2f} > {SEQUENCE_CHANGE_THRESHOLD:.2f}"] if score > SEQUENCE_CHANGE_THRESHOLD else []
+    # Both statistics from one block decimation of each channel pair.
+    pairs = _channel_blocks(source, target, spacing)
+    scores = [_score_of_blocks(*pair) for pair in pairs]
+    orders = [_order_of_blocks(s, t) for s, t, _ in pairs]
+    score, order = sum(scores) / len(scores), sum(orders) / len(orders)
+    reasons = []
+    if score > SEQUENCE_CHANGE_THRESHOLD:
+        reasons.append(f"score {score:.2f} > {SEQUENCE_CHANGE_THRESHOLD:.2f}")
     if order < TISSUE_ORDER_THRESHOLD:
         reasons.append(f"tissue order {order:.2f} < {TISSUE_ORDER_THRESHOLD:.2f}")
+    different = bool(reasons)
     note.update(channel_scores=[round(v, 4) for v in scores], score=round(score, 4),
                 channel_tissue_orders=[round(v, 4) for v in orders], tissue_order=round(order, 4),
                 different=different, reason=", ".join(reasons))
